@@ -13,11 +13,13 @@ import numpy as np
 def quaternion_to_matrix(q_wxyz: Sequence[float]) -> np.ndarray:
   """Rotation matrix (3, 3) of a unit quaternion given as w, x, y, z."""
   w, x, y, z = np.asarray(q_wxyz, dtype=np.float64) / np.linalg.norm(q_wxyz)
-  return np.array([
+  return np.array(
+    [
       [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
       [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
       [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-  ])
+    ]
+  )
 
 
 def matrix_to_quaternion(rot: np.ndarray) -> list[float]:
@@ -55,7 +57,7 @@ def pose_matrix(record: dict) -> np.ndarray:
 
 
 def lidar_to_camera(
-    lidar_calib: dict, lidar_pose: dict, cam_pose: dict, cam_calib: dict
+  lidar_calib: dict, lidar_pose: dict, cam_pose: dict, cam_calib: dict
 ) -> np.ndarray:
   """4x4 transform from the lidar frame to a camera frame.
 
@@ -63,10 +65,10 @@ def lidar_to_camera(
   camera; each argument is a table record with `rotation` and `translation`.
   """
   return (
-      np.linalg.inv(pose_matrix(cam_calib))
-      @ np.linalg.inv(pose_matrix(cam_pose))
-      @ pose_matrix(lidar_pose)
-      @ pose_matrix(lidar_calib)
+    np.linalg.inv(pose_matrix(cam_calib))
+    @ np.linalg.inv(pose_matrix(cam_pose))
+    @ pose_matrix(lidar_pose)
+    @ pose_matrix(lidar_calib)
   )
 
 
@@ -77,13 +79,13 @@ MIN_DEPTH = 1.0
 
 
 def project_points(
-    xyz: np.ndarray,
-    lidar2cam: np.ndarray,
-    intrinsic: np.ndarray,
-    width: int,
-    height: int,
-    min_depth: float = MIN_DEPTH,
-    margin: float = PIXEL_MARGIN,
+  xyz: np.ndarray,
+  lidar2cam: np.ndarray,
+  intrinsic: np.ndarray,
+  width: int,
+  height: int,
+  min_depth: float = MIN_DEPTH,
+  margin: float = PIXEL_MARGIN,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Projects lidar points into one camera.
 
@@ -111,10 +113,10 @@ def project_points(
   pix = cam[in_front] @ np.asarray(intrinsic, dtype=np.float64).T  # (N', 3)
   uv = pix[:, :2] / pix[:, 2:3]
   inside = (
-      (uv[:, 0] > margin)
-      & (uv[:, 0] < width - margin)
-      & (uv[:, 1] > margin)
-      & (uv[:, 1] < height - margin)
+    (uv[:, 0] > margin)
+    & (uv[:, 0] < width - margin)
+    & (uv[:, 1] > margin)
+    & (uv[:, 1] < height - margin)
   )
   indices = np.flatnonzero(in_front)[inside].astype(np.int32)
   return indices, uv[inside].astype(np.float32)

@@ -8,93 +8,94 @@ import numpy as np
 
 # The six nuScenes cameras in the order every camera axis of the project uses.
 NUSCENES_CAMERAS = (
-    "CAM_FRONT",
-    "CAM_FRONT_RIGHT",
-    "CAM_BACK_RIGHT",
-    "CAM_BACK",
-    "CAM_BACK_LEFT",
-    "CAM_FRONT_LEFT",
+  "CAM_FRONT",
+  "CAM_FRONT_RIGHT",
+  "CAM_BACK_RIGHT",
+  "CAM_BACK",
+  "CAM_BACK_LEFT",
+  "CAM_FRONT_LEFT",
 )
 
 # Names of training ids 1..16 (written as words, as the zero-shot prompts use them).
 NUSCENES_CLASSES = (
-    "barrier",
-    "bicycle",
-    "bus",
-    "car",
-    "construction vehicle",
-    "motorcycle",
-    "pedestrian",
-    "traffic cone",
-    "trailer",
-    "truck",
-    "driveable surface",
-    "other flat",
-    "sidewalk",
-    "terrain",
-    "manmade",
-    "vegetation",
+  "barrier",
+  "bicycle",
+  "bus",
+  "car",
+  "construction vehicle",
+  "motorcycle",
+  "pedestrian",
+  "traffic cone",
+  "trailer",
+  "truck",
+  "driveable surface",
+  "other flat",
+  "sidewalk",
+  "terrain",
+  "manmade",
+  "vegetation",
 )
 
-# lidarseg raw id (the `index` of category.json) -> training id.
-_NUSCENES_RAW_TO_TRAIN = {
-    0: 0,  # noise
-    1: 0,  # animal
-    2: 7,  # human.pedestrian.adult
-    3: 7,  # human.pedestrian.child
-    4: 7,  # human.pedestrian.construction_worker
-    5: 0,  # human.pedestrian.personal_mobility
-    6: 7,  # human.pedestrian.police_officer
-    7: 0,  # human.pedestrian.stroller
-    8: 0,  # human.pedestrian.wheelchair
-    9: 1,  # movable_object.barrier
-    10: 0,  # movable_object.debris
-    11: 0,  # movable_object.pushable_pullable
-    12: 8,  # movable_object.trafficcone
-    13: 0,  # static_object.bicycle_rack
-    14: 2,  # vehicle.bicycle
-    15: 3,  # vehicle.bus.bendy
-    16: 3,  # vehicle.bus.rigid
-    17: 4,  # vehicle.car
-    18: 5,  # vehicle.construction
-    19: 0,  # vehicle.emergency.ambulance
-    20: 0,  # vehicle.emergency.police
-    21: 6,  # vehicle.motorcycle
-    22: 9,  # vehicle.trailer
-    23: 10,  # vehicle.truck
-    24: 11,  # flat.driveable_surface
-    25: 12,  # flat.other
-    26: 13,  # flat.sidewalk
-    27: 14,  # flat.terrain
-    28: 15,  # static.manmade
-    29: 0,  # static.other
-    30: 16,  # static.vegetation
-    31: 0,  # vehicle.ego
-}
+# The 32 lidarseg categories by raw id (the `index` field of category.json),
+# each with its training id.
+NUSCENES_LIDARSEG_CATEGORIES = (
+  ("noise", 0),
+  ("animal", 0),
+  ("human.pedestrian.adult", 7),
+  ("human.pedestrian.child", 7),
+  ("human.pedestrian.construction_worker", 7),
+  ("human.pedestrian.personal_mobility", 0),
+  ("human.pedestrian.police_officer", 7),
+  ("human.pedestrian.stroller", 0),
+  ("human.pedestrian.wheelchair", 0),
+  ("movable_object.barrier", 1),
+  ("movable_object.debris", 0),
+  ("movable_object.pushable_pullable", 0),
+  ("movable_object.trafficcone", 8),
+  ("static_object.bicycle_rack", 0),
+  ("vehicle.bicycle", 2),
+  ("vehicle.bus.bendy", 3),
+  ("vehicle.bus.rigid", 3),
+  ("vehicle.car", 4),
+  ("vehicle.construction", 5),
+  ("vehicle.emergency.ambulance", 0),
+  ("vehicle.emergency.police", 0),
+  ("vehicle.motorcycle", 6),
+  ("vehicle.trailer", 9),
+  ("vehicle.truck", 10),
+  ("flat.driveable_surface", 11),
+  ("flat.other", 12),
+  ("flat.sidewalk", 13),
+  ("flat.terrain", 14),
+  ("static.manmade", 15),
+  ("static.other", 0),
+  ("static.vegetation", 16),
+  ("vehicle.ego", 0),
+)
 NUSCENES_RAW_TO_TRAIN = np.array(
-    [_NUSCENES_RAW_TO_TRAIN[i] for i in range(32)], dtype=np.uint8
+  [train_id for _, train_id in NUSCENES_LIDARSEG_CATEGORIES], dtype=np.uint8
 )
 
 SEMANTIC_KITTI_CLASSES = (
-    "car",
-    "bicycle",
-    "motorcycle",
-    "truck",
-    "other-vehicle",
-    "person",
-    "bicyclist",
-    "motorcyclist",
-    "road",
-    "parking",
-    "sidewalk",
-    "other-ground",
-    "building",
-    "fence",
-    "vegetation",
-    "trunk",
-    "terrain",
-    "pole",
-    "traffic-sign",
+  "car",
+  "bicycle",
+  "motorcycle",
+  "truck",
+  "other-vehicle",
+  "person",
+  "bicyclist",
+  "motorcyclist",
+  "road",
+  "parking",
+  "sidewalk",
+  "other-ground",
+  "building",
+  "fence",
+  "vegetation",
+  "trunk",
+  "terrain",
+  "pole",
+  "traffic-sign",
 )
 
 # SemanticKITTI raw semantic id (low 16 bits of a .label entry) -> training id.

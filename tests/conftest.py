@@ -23,5 +23,7 @@ REALDATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "real
 def realdata() -> pathlib.Path:
   """The real sensor samples shipped beside the repository (`../shared/realdata`)."""
   if not REALDATA.is_dir():
-    pytest.skip(f"real data samples not found at {REALDATA} (they live beside the repository in CI)")
+    pytest.skip(
+      f"real data samples not found at {REALDATA} (they live beside the repository in CI)"
+    )
   return REALDATA

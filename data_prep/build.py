@@ -1,0 +1,77 @@
+"""Builds a dataset into TFDS ArrayRecord files.
+
+  python -m data_prep.build nuscenes_lidarseg --manual_dir NUSCENES_ROOT \
+      --data_dir OUT [--config v1.0-mini]
+  python -m data_prep.build semantic_kitti --manual_dir KITTI_ROOT --data_dir OUT
+
+Reads the raw dataset under --manual_dir (a nuScenes dataroot, or a
+SemanticKITTI folder holding sequences/) and writes OUT/<builder>/<config>/
+<version>/ (ArrayRecord shards plus TFDS metadata). For nuscenes_lidarseg
+without --config, every version folder found in the dataroot is built. A split
+already built is reused, never overwritten; an interrupted build leaves only an
+`incomplete.*` folder that the next run replaces.
+"""
+
+import pathlib
+
+import tensorflow_datasets as tfds
+from absl import app, flags, logging
+
+from data_prep import nuscenes
+from data_prep.builders import BUILDERS
+
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Raw dataset folder.", required=True)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Output folder of built datasets.", required=True)
+_CONFIG = flags.DEFINE_string(
+  "config", None, "nuscenes_lidarseg: version folder to build (default: all found)."
+)
+
+
+def build(builder: str, manual_dir: str, data_dir: str, config: str | None = None) -> list[str]:
+  """Builds one builder (all nuScenes versions found when config is None).
+
+  Returns:
+    The folders written (or reused).
+  """
+  if builder not in BUILDERS:
+    raise ValueError(f"unknown builder {builder!r}; choose from {sorted(BUILDERS)}")
+  manual = pathlib.Path(manual_dir)
+  if not manual.is_dir():
+    raise FileNotFoundError(f"{manual}: --manual_dir does not exist")
+  configs: list[str | None] = [config]
+  if builder == "nuscenes_lidarseg" and config is None:
+    configs = nuscenes.available_versions(manual)
+    if not configs:
+      raise nuscenes.DatarootError(f"{manual}: no version folder (v1.0-*/scene.json) found")
+  elif builder == "semantic_kitti" and config is not None:
+    raise ValueError("semantic_kitti has no configs; drop --config")
+  written = []
+  for name in configs:
+    cls = BUILDERS[builder]
+    if name is None:
+      dataset = cls(data_dir=data_dir, file_format="array_record")
+    else:
+      known = {c.name: c for c in cls.BUILDER_CONFIGS}
+      cfg = known.get(name) or tfds.core.BuilderConfig(name=name, description=f"nuScenes {name}.")
+      dataset = cls(data_dir=data_dir, config=cfg, file_format="array_record")
+    logging.info("building %s%s into %s", builder, f"/{name}" if name else "", dataset.data_dir)
+    dataset.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(manual))
+    )
+    splits = {k: v.num_examples for k, v in dataset.info.splits.items()}
+    logging.info("%s: %s", dataset.data_dir, splits)
+    print(f"{dataset.data_dir}: {splits}")
+    written.append(dataset.data_dir)
+  return written
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) != 2:
+    raise app.UsageError(
+      f"usage: python -m data_prep.build {{{','.join(BUILDERS)}}} --manual_dir ..."
+    )
+  build(argv[1], _MANUAL_DIR.value, _DATA_DIR.value, _CONFIG.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,48 @@
+"""TFDS builders of the project's datasets and the one way to read them back.
+
+`nuscenes_lidarseg` (configs: the version folders of a nuScenes dataroot) and
+`semantic_kitti`. Both write ArrayRecord files that `tfds.data_source` and
+`tfds.builder_from_directory` read without this code and without TensorFlow.
+"""
+
+import pathlib
+
+import tensorflow_datasets as tfds
+
+from data_prep.builders.nuscenes_lidarseg import NuscenesLidarseg
+from data_prep.builders.semantic_kitti import SemanticKitti
+
+BUILDERS = {"nuscenes_lidarseg": NuscenesLidarseg, "semantic_kitti": SemanticKitti}
+
+
+def data_source(data_dir: str | pathlib.Path, builder: str, split: str):
+  """Random-access source over a built split (works as a grain data source).
+
+  Args:
+    data_dir: the folder given to the builder as `--data_dir`.
+    builder: `name[/config]`, e.g. `nuscenes_lidarseg/v1.0-mini` or
+      `semantic_kitti`.
+    split: a split name, with TFDS slicing if wanted (`train[:10]`).
+
+  Returns:
+    A sequence of records (dicts of numpy arrays, bytes and scalars).
+
+  Raises:
+    FileNotFoundError: if that builder, config or split was not built there.
+  """
+  name, _, config = builder.partition("/")
+  root = pathlib.Path(data_dir) / name / config if config else pathlib.Path(data_dir) / name
+  if not root.is_dir():
+    raise FileNotFoundError(
+      f"{root}: no built dataset {builder!r} in {data_dir} "
+      f"(run `python -m data_prep.build {name} --manual_dir RAW --data_dir {data_dir}"
+      f"{' --config ' + config if config else ''}`)"
+    )
+  dataset = tfds.builder(builder, data_dir=str(data_dir))
+  base_split = split.split("[")[0]
+  if base_split not in dataset.info.splits:
+    raise FileNotFoundError(
+      f"{dataset.data_dir}: split {base_split!r} not built "
+      f"(available: {sorted(dataset.info.splits)})"
+    )
+  return dataset.as_data_source(split=split)
