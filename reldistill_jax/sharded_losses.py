@@ -1,0 +1,274 @@
+"""The losses of `losses.py` over a device mesh, with O(N * D) memory.
+
+Pair features are sharded on the mesh's data axis. Inside `jax.shard_map`
+each device gathers the (N, D) features (small) and builds only its own row
+block of the N x N matrices, then the (sum, count) terms are reduced with
+`psum`: values equal the single-device ones, for any N (rows are padded to a
+multiple of the device count and masked).
+
+The relational loss never materialises its N x N matrices, on any backend:
+`blocked_relational` loops over (row tile, column tile) blocks and, since
+training always needs both, produces the gradient in the same pass as the
+value (a `jax.custom_vjp` whose backward only scales the stored gradient). The
+math gives that for free: with s_ij = sign(k_i.q_j - q_i.q_j) and
+t_ij = sign(k_i.k_j - q_i.q_j) (t symmetric, as K K^T and Q Q^T are),
+
+  dL/dk_i = w_cross/N s_ii q_i + w_cross/(N^2 - N) sum_{j != i} s_ij q_j
+            + 2 w_intra/(N^2 - N) sum_{j != i} t_ij k_j,
+
+so a device computes the complete gradient of its own rows from its row block
+alone, and Q Q^T is computed once per block for both terms. Only `loss` is
+differentiable; `cross` and `intra` are reported for monitoring.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from reldistill_jax import losses
+
+DEFAULT_TILE = 512
+
+
+def _pad_rows(x: jax.Array, multiple: int) -> jax.Array:
+  pad = (-x.shape[0]) % multiple
+  return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) if pad else x
+
+
+def _prepare(k, q, mask, multiple):
+  """Normalise, make q a constant target, and pad rows to `multiple`."""
+  k, q = losses.prepare_pairs(k, q)
+  mask = jnp.ones(k.shape[:1], bool) if mask is None else mask.astype(bool)
+  return _pad_rows(k, multiple), _pad_rows(q, multiple), _pad_rows(mask, multiple)
+
+
+def _shard_rows(fn, mesh: Mesh | None, axis_name: str, n_out_replicated: int, n_out_rows: int):
+  """Runs fn(k_rows, q_rows, mask_rows, k_all, q_all, mask_all, row_offset).
+
+  Without a mesh the rows are all rows. With one, rows are this device's
+  block of the data axis, and the replicated outputs are psum-reduced.
+  """
+  if mesh is None:
+    return lambda k, q, m: fn(k, q, m, k, q, m, 0)
+
+  def local(k, q, m):
+    gather = functools.partial(jax.lax.all_gather, axis_name=axis_name, tiled=True)
+    offset = jax.lax.axis_index(axis_name) * k.shape[0]
+    outs = fn(k, q, m, gather(k), gather(q), gather(m), offset)
+    reduced = jax.tree.map(lambda x: jax.lax.psum(x, axis_name), outs[:n_out_replicated])
+    return (*reduced, *outs[n_out_replicated:])
+
+  spec = P(axis_name)
+  return jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(spec, spec, spec),
+    out_specs=(P(),) * n_out_replicated + (spec,) * n_out_rows,
+    check_vma=False,
+  )
+
+
+def _num_rows_multiple(mesh: Mesh | None, axis_name: str) -> int:
+  return mesh.shape[axis_name] if mesh is not None else 1
+
+
+def contrastive_loss(
+  k, q, mask=None, temperature: float = 0.07, *, mesh: Mesh | None, axis_name: str = "data"
+) -> dict[str, jax.Array]:
+  """`losses.contrastive_loss`, one (rows, N) logit block per device."""
+  k, q, mask = _prepare(k, q, mask, _num_rows_multiple(mesh, axis_name))
+
+  def rows(k_r, q_r, m_r, k_all, q_all, m_all, offset):
+    del q_r, k_all
+    return (losses.contrastive_terms(k_r, q_all, m_r, m_all, offset, temperature),)
+
+  (terms,) = _shard_rows(rows, mesh, axis_name, 1, 0)(k, q, mask)
+  return losses.means(terms)
+
+
+def similarity_loss(
+  k, q, mask=None, variant: str = "cosine", *, mesh: Mesh | None, axis_name: str = "data"
+) -> dict[str, jax.Array]:
+  """`losses.similarity_loss` with per-device partial sums."""
+  k, q, mask = _prepare(k, q, mask, _num_rows_multiple(mesh, axis_name))
+
+  def rows(k_r, q_r, m_r, *_):
+    return (losses.similarity_terms(k_r, q_r, m_r, variant),)
+
+  (terms,) = _shard_rows(rows, mesh, axis_name, 1, 0)(k, q, mask)
+  return losses.means(terms)
+
+
+# The blocked relational kernel.
+
+
+def _relational_block_scan(
+  k_rows, q_rows, m_rows, k_all, q_all, m_all, offset, coef, tile_rows, tile_cols
+):
+  """Sums and row gradients of a row block, one (tile_rows, tile_cols) block at a time.
+
+  Args:
+    k_rows, q_rows: (R, D) normalised features of the rows (R % tile_rows == 0).
+    m_rows: (R,) valid rows.
+    k_all, q_all: (N, D) normalised features of every pair (N % tile_cols == 0).
+    m_all: (N,) valid pairs.
+    offset: index of the first row in the full pair axis.
+    coef: (a, b, c) weights of the gradient: a for the diagonal, b for the
+      cross-modal off-diagonal, c for the intra-modal off-diagonal.
+    tile_rows, tile_cols: block sizes.
+
+  Returns:
+    (diag_sum, cross_off_sum, intra_off_sum, grad_rows (R, D) float32).
+  """
+  r, d = k_rows.shape
+  n = k_all.shape[0]
+  a, b, c = coef
+  dot = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
+  k_cols = k_all.reshape(n // tile_cols, tile_cols, d)
+  q_cols = q_all.reshape(n // tile_cols, tile_cols, d)
+  m_cols = m_all.reshape(n // tile_cols, tile_cols)
+  col_ids = jnp.arange(n).reshape(n // tile_cols, tile_cols)
+
+  def row_tile(_, xs):
+    k_r, q_r, m_r, row_ids = xs  # (Tr, D), (Tr, D), (Tr,), (Tr,)
+
+    def col_tile(carry, ys):
+      sums, grad = carry
+      k_c, q_c, m_c, ids = ys
+      qq = dot(q_r, q_c.T)  # (Tr, Tc), shared by both terms
+      dc = dot(k_r, q_c.T) - qq
+      di = dot(k_r, k_c.T) - qq
+      valid = m_r[:, None] & m_c[None, :]
+      on_diag = row_ids[:, None] == ids[None, :]
+      off = valid & ~on_diag
+      on = valid & on_diag
+      sums = sums + jnp.stack(
+        [
+          jnp.where(on, jnp.abs(dc), 0.0).sum(),
+          jnp.where(off, jnp.abs(dc), 0.0).sum(),
+          jnp.where(off, jnp.abs(di), 0.0).sum(),
+        ]
+      )
+      sign_c = jnp.where(on, a, jnp.where(off, b, 0.0)) * jnp.sign(dc)
+      sign_i = jnp.where(off, c * jnp.sign(di), 0.0)
+      grad = grad + dot(sign_c.astype(q_c.dtype), q_c) + dot(sign_i.astype(k_c.dtype), k_c)
+      return (sums, grad), None
+
+    init = (jnp.zeros(3, jnp.float32), jnp.zeros((tile_rows, d), jnp.float32))
+    (sums, grad), _ = jax.lax.scan(col_tile, init, (k_cols, q_cols, m_cols, col_ids))
+    return None, (sums, grad)
+
+  row_ids = (offset + jnp.arange(r)).reshape(r // tile_rows, tile_rows)
+  xs = (
+    k_rows.reshape(r // tile_rows, tile_rows, d),
+    q_rows.reshape(r // tile_rows, tile_rows, d),
+    m_rows.reshape(r // tile_rows, tile_rows),
+    row_ids,
+  )
+  _, (sums, grads) = jax.lax.scan(row_tile, None, xs)
+  sums = sums.sum(0)
+  return sums[0], sums[1], sums[2], grads.reshape(r, d)
+
+
+def blocked_relational(
+  k: jax.Array,
+  q: jax.Array,
+  mask: jax.Array,
+  w_cross: float,
+  w_intra: float,
+  *,
+  mesh: Mesh | None,
+  axis_name: str = "data",
+  tile: int = DEFAULT_TILE,
+  compute_dtype=None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Relational (loss, cross, intra) on normalised, padded inputs; O(N * D) memory.
+
+  Args:
+    k: (N, D) normalised student features, N a multiple of devices * tile.
+    q: (N, D) normalised teacher features (constant).
+    mask: (N,) valid pairs.
+    w_cross: weight of the cross-modal term.
+    w_intra: weight of the intra-modal term.
+    mesh: device mesh to shard rows over, or None for one device.
+    axis_name: the mesh axis holding the pairs.
+    tile: row and column block size.
+    compute_dtype: dtype of the matrix products (float32 accumulation);
+      defaults to k's dtype.
+
+  Returns:
+    (loss, cross, intra) scalars; only `loss` carries a gradient (w.r.t. k).
+  """
+  compute_dtype = compute_dtype or k.dtype
+
+  def sums_and_grad(k, q, mask):
+    n = mask.sum().astype(jnp.float32)
+    pairs = n * n - n
+    inv = lambda x: jnp.where(x > 0, 1.0 / jnp.maximum(x, 1.0), 0.0)
+    coef = (w_cross * inv(n), w_cross * inv(pairs), 2.0 * w_intra * inv(pairs))
+
+    def rows(k_r, q_r, m_r, k_all, q_all, m_all, offset):
+      cast = lambda x: x.astype(compute_dtype)
+      return _relational_block_scan(
+        cast(k_r), cast(q_r), m_r, cast(k_all), cast(q_all), m_all, offset, coef, tile, tile
+      )
+
+    diag, cross_off, intra_off, grad = _shard_rows(rows, mesh, axis_name, 3, 1)(k, q, mask)
+    cross = diag * inv(n) + cross_off * inv(pairs)
+    intra = intra_off * inv(pairs)
+    return (w_cross * cross + w_intra * intra, cross, intra), grad
+
+  @jax.custom_vjp
+  def kernel(k, q, mask):
+    return sums_and_grad(k, q, mask)[0]
+
+  def fwd(k, q, mask):
+    out, grad = sums_and_grad(k, q, mask)
+    return out, (grad.astype(k.dtype), q, mask)
+
+  def bwd(res, cotangents):
+    grad, q, mask = res
+    g_loss = cotangents[0]
+    return (g_loss * grad, jnp.zeros_like(q), None)
+
+  kernel.defvjp(fwd, bwd)
+  return kernel(k, q, mask)
+
+
+def relational_loss(
+  k: jax.Array,
+  q: jax.Array,
+  mask: jax.Array | None = None,
+  w_cross: float = 1.0,
+  w_intra: float = 1.0,
+  *,
+  mesh: Mesh | None,
+  axis_name: str = "data",
+  tile: int = DEFAULT_TILE,
+) -> dict[str, jax.Array]:
+  """`losses.relational_loss` over a mesh with the blocked O(N * D) kernel.
+
+  Args:
+    k: (N, D) student pair features (any scale: rows are normalised).
+    q: (N, D) teacher pair features (a constant target).
+    mask: (N,) valid pairs, or None for all.
+    w_cross: weight of the cross-modal term.
+    w_intra: weight of the intra-modal term.
+    mesh: mesh whose `axis_name` axis shards the pairs; None for one device.
+    axis_name: that axis.
+    tile: block size; shrunk for small N so padding stays small.
+
+  Returns:
+    {"loss", "cross", "intra"} scalar means.
+  """
+  devices = mesh.shape[axis_name] if mesh is not None else 1
+  per_device = -(-k.shape[0] // devices)
+  tile = min(tile, max(8, 1 << (per_device - 1).bit_length()))
+  k, q, mask = _prepare(k, q, mask, devices * tile)
+  loss, cross, intra = blocked_relational(
+    k, q, mask, w_cross, w_intra, mesh=mesh, axis_name=axis_name, tile=tile
+  )
+  return {"loss": loss, "cross": cross, "intra": intra}
