@@ -1,4 +1,4 @@
-"""Builds a dataset into TFDS ArrayRecord files.
+r"""Builds a dataset into TFDS ArrayRecord files.
 
   python -m data_prep.build nuscenes_lidarseg --manual_dir NUSCENES_ROOT \
       --data_dir OUT [--config v1.0-mini]
@@ -20,11 +20,15 @@ from absl import app, flags, logging
 from data_prep import nuscenes
 from data_prep.builders import BUILDERS
 
-_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Raw dataset folder.", required=True)
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Output folder of built datasets.", required=True)
-_CONFIG = flags.DEFINE_string(
-  "config", None, "nuscenes_lidarseg: version folder to build (default: all found)."
-)
+
+def define_flags() -> None:
+  """Defines the CLI's flags (only when run as a program, so that other stages
+  with a `--data_dir` of their own can be imported beside this module)."""
+  flags.DEFINE_string("manual_dir", None, "Raw dataset folder.", required=True)
+  flags.DEFINE_string("data_dir", None, "Output folder of built datasets.", required=True)
+  flags.DEFINE_string(
+    "config", None, "nuscenes_lidarseg: version folder to build (default: all found)."
+  )
 
 
 def build(builder: str, manual_dir: str, data_dir: str, config: str | None = None) -> list[str]:
@@ -70,8 +74,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(
       f"usage: python -m data_prep.build {{{','.join(BUILDERS)}}} --manual_dir ..."
     )
-  build(argv[1], _MANUAL_DIR.value, _DATA_DIR.value, _CONFIG.value)
+  build(argv[1], flags.FLAGS.manual_dir, flags.FLAGS.data_dir, flags.FLAGS.config)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
