@@ -1,0 +1,267 @@
+"""Writes a synthetic world as a nuScenes dataroot, safely and in parallel.
+
+Layout of the output folder:
+
+  <version>/*.json                       nuScenes tables (+ lidarseg.json)
+  maps/<token>.png                       empty semantic-prior mask (see tables.MAP_TOKEN)
+  samples/LIDAR_TOP/*.pcd.bin            float32 x, y, z, intensity, ring
+  samples/CAM_*/*.jpg                    1600 x 900 JPEGs
+  lidarseg/<version>/<token>_lidarseg.bin  uint8 raw lidarseg id per point
+  synthetic/classmaps/<cam sd token>.png  uint8 raw ids at 400 x 225 (255 sky)
+  synthetic/meta.json                    generator parameters (written last)
+
+The world is written into a temporary sibling folder that is renamed into place
+at the end, so an interrupted run never leaves a folder that looks complete.
+"""
+
+import concurrent.futures
+import functools
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from data_prep.synthetic import lidar, render, tables, world
+from reldistill_jax.classes import NUSCENES_CAMERAS
+
+FORMAT_VERSION = 1
+SAMPLE_STREAM, GRAIN_STREAM = 2, 3  # spawn_key components (see world.WORLD_STREAM)
+
+
+def make_meta(seed: int, scenes: int, samples_per_scene: int, version: str) -> dict:
+  """Generator parameters recorded in synthetic/meta.json."""
+  w, h = tables.IMAGE_WIDTH, tables.IMAGE_HEIGHT
+  return {
+    "format_version": FORMAT_VERSION,
+    "generator": "data_prep.synthetic",
+    "seed": seed,
+    "scenes": scenes,
+    "samples_per_scene": samples_per_scene,
+    "version": version,
+    "cameras": list(NUSCENES_CAMERAS),
+    "image": {"width": w, "height": h, "jpeg_quality": render.JPEG_QUALITY},
+    "classmap": {
+      "dir": "synthetic/classmaps",
+      "width": w // render.CLASSMAP_SCALE,
+      "height": h // render.CLASSMAP_SCALE,
+      "scale": 1.0 / render.CLASSMAP_SCALE,
+      "pixel_rule": "native (u, v) -> row floor(v * scale), col floor(u * scale)",
+      "values": "raw lidarseg ids (category index)",
+      "sky_id": render.SKY_ID,
+    },
+    "lidar": {
+      "model": "Velodyne HDL-32E",
+      "elevation_deg": [float(lidar.ELEVATIONS_DEG[0]), float(lidar.ELEVATIONS_DEG[-1])],
+      "beams": len(lidar.ELEVATIONS_DEG),
+      "azimuth_steps": lidar.N_AZIMUTH,
+      "max_range_m": lidar.MAX_RANGE,
+      "range_noise_m": lidar.RANGE_NOISE,
+    },
+    "keyframe_period_us": world.KEYFRAME_PERIOD_US,
+    "camera_offset_us": [int(v) for v in world.CAMERA_OFFSET_US],
+  }
+
+
+@functools.lru_cache(maxsize=2)
+def _grain(seed: int, scene_index: int) -> Image.Image:
+  rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(scene_index, GRAIN_STREAM)))
+  return render.grain_tile(rng, tables.IMAGE_WIDTH, tables.IMAGE_HEIGHT)
+
+
+def render_sample(job: tables.SampleJob, root: str) -> dict:
+  """Renders and writes the files of one keyframe.
+
+  Args:
+    job: what to render and where.
+    root: dataroot the job's relative paths are under.
+
+  Returns:
+    Statistics: `points`, `label_counts` (32,) and bytes written per kind.
+  """
+  scene = world.build_scene(job.seed, job.scene_index, job.samples_per_scene)
+  _, calib = tables.rig()
+  key = (job.scene_index, SAMPLE_STREAM, job.sample_index)
+  rng = np.random.default_rng(np.random.SeedSequence(job.seed, spawn_key=key))
+  base = pathlib.Path(root)
+  sizes = {"sweep": 0, "lidarseg": 0, "jpeg": 0, "classmap": 0}
+
+  points, labels = lidar.sweep(scene, calib[tables.LIDAR], job.lidar_us, rng)
+  (base / job.lidar_file).write_bytes(points.astype("<f4").tobytes())
+  (base / job.lidarseg_file).write_bytes(labels.astype(np.uint8).tobytes())
+  sizes["sweep"] += points.nbytes
+  sizes["lidarseg"] += labels.nbytes
+
+  grain = _grain(job.seed, job.scene_index)
+  for c, channel in enumerate(NUSCENES_CAMERAS):
+    jpeg, classmap = render.render_camera(
+      scene, calib[channel], job.camera_us[c], tables.IMAGE_WIDTH, tables.IMAGE_HEIGHT, rng, grain
+    )
+    (base / job.camera_files[c]).write_bytes(jpeg)
+    path = base / job.classmap_files[c]
+    Image.fromarray(classmap, mode="L").save(path, format="PNG")
+    sizes["jpeg"] += len(jpeg)
+    sizes["classmap"] += path.stat().st_size
+  return {"points": len(points), "label_counts": np.bincount(labels, minlength=32), "bytes": sizes}
+
+
+def _dump(path: pathlib.Path, records) -> None:
+  # indent=0 puts one field per line like the real tables; the key order is the
+  # insertion order, so the bytes depend only on the content.
+  path.write_text(json.dumps(records, indent=0) + "\n")
+
+
+def _check_existing(out: pathlib.Path, meta: dict) -> bool:
+  """Whether `out` already holds this exact world.
+
+  Returns:
+    True if it does (nothing to do); False if `out` is absent or empty.
+
+  Raises:
+    FileExistsError: if `out` holds anything else.
+  """
+  if not out.exists():
+    return False
+  if not out.is_dir():
+    raise FileExistsError(f"{out} exists and is not a directory")
+  meta_path = out / "synthetic" / "meta.json"
+  if meta_path.is_file():
+    existing = json.loads(meta_path.read_text())
+    if existing != meta:
+      diff = sorted(k for k in set(existing) | set(meta) if existing.get(k) != meta.get(k))
+      raise FileExistsError(
+        f"{out} holds a different synthetic world (meta.json differs in {diff}); "
+        "choose another --out or delete that folder"
+      )
+    sample_data = out / meta["version"] / "sample_data.json"
+    records = json.loads(sample_data.read_text()) if sample_data.is_file() else []
+    expected = meta["scenes"] * meta["samples_per_scene"] * len(tables.CHANNELS)
+    missing = [r["filename"] for r in records if not (out / r["filename"]).is_file()]
+    if len(records) != expected or missing:
+      raise FileExistsError(
+        f"{out} holds this world's meta.json but is damaged ({len(missing)} files missing)"
+      )
+    return True
+  if any(out.iterdir()):
+    raise FileExistsError(
+      f"{out} is not empty and holds no synthetic world; refusing to write into it"
+    )
+  return False
+
+
+def validate(scenes: int, samples_per_scene: int, seed: int, version: str, workers: int) -> None:
+  """Raises ValueError with a clear message for unusable arguments."""
+  if scenes < 2:
+    raise ValueError(
+      f"--scenes must be at least 2 (one validation and one training scene), got {scenes}"
+    )
+  if samples_per_scene < 1:
+    raise ValueError(f"--samples-per-scene must be positive, got {samples_per_scene}")
+  if seed < 0:
+    raise ValueError(f"--seed must be non-negative, got {seed}")
+  if workers < 1:
+    raise ValueError(f"--workers must be positive, got {workers}")
+  if not version or "/" in version or version.startswith("."):
+    raise ValueError(f"--version must be a plain folder name, got {version!r}")
+  try:
+    tables.scene_names(seed, scenes)
+  except ValueError as e:
+    raise ValueError(f"--scenes {scenes} is too many for the nuScenes split lists: {e}") from None
+
+
+def generate(
+  out,
+  scenes: int,
+  samples_per_scene: int,
+  seed: int,
+  version: str = "v1.0-synthetic",
+  workers: int = 1,
+):
+  """Generates a synthetic world into `out`.
+
+  Args:
+    out: output folder; must be absent or empty, or already hold this exact
+      world (then nothing is done).
+    scenes: number of scenes (>= 2).
+    samples_per_scene: keyframes per scene.
+    seed: world seed; same arguments give byte-identical files.
+    version: name of the table folder.
+    workers: processes rendering samples.
+
+  Returns:
+    None if the world already existed, else a list of per-sample statistics
+    (see `render_sample`).
+
+  Raises:
+    ValueError: for invalid arguments.
+    FileExistsError: if `out` holds something else.
+  """
+  validate(scenes, samples_per_scene, seed, version, workers)
+  out = pathlib.Path(out).absolute()
+  meta = make_meta(seed, scenes, samples_per_scene, version)
+  if _check_existing(out, meta):
+    return None
+  names = tables.scene_names(seed, scenes)
+
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+  try:
+    all_tables, jobs = {}, []
+    for index, name in enumerate(names):
+      records, scene_jobs = tables.scene_tables(seed, index, samples_per_scene, name, version)
+      for key, rows in records.items():
+        all_tables.setdefault(key, []).extend(rows)
+      jobs += scene_jobs
+    all_tables.update(tables.static_tables(seed, [log["token"] for log in all_tables["log"]]))
+    folders = [
+      version,
+      f"lidarseg/{version}",
+      "synthetic/classmaps",
+      "maps",
+      *(f"samples/{c}" for c in tables.CHANNELS),
+    ]
+    for sub in folders:
+      (tmp / sub).mkdir(parents=True, exist_ok=True)
+    for key, rows in sorted(all_tables.items()):
+      _dump(tmp / version / f"{key}.json", rows)
+    empty_mask = np.zeros((tables.MAP_SIZE, tables.MAP_SIZE), dtype=np.uint8)
+    Image.fromarray(empty_mask, mode="L").save(tmp / all_tables["map"][0]["filename"], format="PNG")
+
+    stats = _run_jobs(jobs, str(tmp), workers)
+    _dump(tmp / "synthetic" / "meta.json", meta)  # last: marks the world complete
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private
+    if out.exists():
+      out.rmdir()  # checked empty above
+    os.replace(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return stats
+
+
+def _run_jobs(jobs: list, root: str, workers: int) -> list[dict]:
+  """Renders all jobs with a progress bar; results in job order."""
+  bar = tqdm(total=len(jobs), unit="sample", desc="synthetic world")
+  results = [None] * len(jobs)
+  if workers == 1:
+    for i, job in enumerate(jobs):
+      results[i] = render_sample(job, root)
+      bar.update()
+  else:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+      futures = {pool.submit(render_sample, job, root): i for i, job in enumerate(jobs)}
+      try:
+        for future in concurrent.futures.as_completed(futures):
+          results[futures[future]] = future.result()
+          bar.update()
+      except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)  # stop queued work before cleaning up
+        raise
+  bar.close()
+  return results
