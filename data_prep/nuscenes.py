@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from data_prep import geometry
+from data_prep import geometry, pointfiles
 from reldistill_jax import classes
 
 # Tables the builder cannot work without; `lidarseg` is optional (no labels).
@@ -52,23 +52,7 @@ def read_sweep(path: pathlib.Path) -> np.ndarray:
     DatarootError: if the file is missing, its size is not a multiple of 20
       bytes, or it holds non-finite coordinates.
   """
-  if not path.is_file():
-    raise DatarootError(f"{path}: lidar sweep file not found")
-  raw = path.read_bytes()
-  row = 4 * POINT_DIMS
-  if len(raw) == 0 or len(raw) % row:
-    raise DatarootError(
-      f"{path}: {len(raw)} bytes is not a positive multiple of {row} "
-      f"(float32 x {POINT_DIMS} per point): truncated or not a nuScenes sweep"
-    )
-  points = np.frombuffer(raw, dtype="<f4").reshape(-1, POINT_DIMS).astype(np.float32)
-  bad = ~np.isfinite(points[:, :3]).all(axis=1)
-  if bad.any():
-    raise DatarootError(
-      f"{path}: {int(bad.sum())} points have NaN or infinite coordinates "
-      f"(first at index {int(np.flatnonzero(bad)[0])})"
-    )
-  return points
+  return pointfiles.read_points(path, POINT_DIMS, DatarootError)
 
 
 def read_lidarseg(path: pathlib.Path, num_points: int) -> np.ndarray:

@@ -21,6 +21,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data_prep import pointfiles
 from reldistill_jax import classes
 
 TRAIN_SEQUENCES = ("00", "01", "02", "03", "04", "05", "06", "07", "09", "10")
@@ -41,18 +42,7 @@ def read_scan(path: pathlib.Path) -> np.ndarray:
     KittiError: if its size is not a multiple of 16 bytes or it holds
       non-finite coordinates.
   """
-  raw = path.read_bytes()
-  row = 4 * POINT_DIMS
-  if len(raw) == 0 or len(raw) % row:
-    raise KittiError(
-      f"{path}: {len(raw)} bytes is not a positive multiple of {row} "
-      f"(float32 x {POINT_DIMS} per point): truncated or not a KITTI scan"
-    )
-  points = np.frombuffer(raw, dtype="<f4").reshape(-1, POINT_DIMS).astype(np.float32)
-  bad = ~np.isfinite(points[:, :3]).all(axis=1)
-  if bad.any():
-    raise KittiError(f"{path}: {int(bad.sum())} points have NaN or infinite coordinates")
-  return points
+  return pointfiles.read_points(path, POINT_DIMS, KittiError)
 
 
 def read_labels(path: pathlib.Path, num_points: int) -> np.ndarray:
