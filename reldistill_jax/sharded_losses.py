@@ -19,18 +19,38 @@ t_ij = sign(k_i.k_j - q_i.q_j) (t symmetric, as K K^T and Q Q^T are),
 so a device computes the complete gradient of its own rows from its row block
 alone, and Q Q^T is computed once per block for both terms. Only `loss` is
 differentiable; `cross` and `intra` are reported for monitoring.
+
+Which kernel computes a device's row block is chosen by `implementation`:
+
+  "xla"            `_relational_block_scan`, a `lax.scan` over blocks that XLA
+                   compiles for any backend;
+  "pallas_gpu"     the fused Pallas Triton kernel of `pallas_relational.py`;
+  "pallas_tpu"     the fused Pallas Mosaic TPU kernel of `pallas_relational.py`;
+  "interpret_gpu", "interpret_tpu"
+                   those two kernels in Pallas interpret mode (any backend,
+                   slow: for tests);
+  "auto"           (default) from the platform of the mesh's devices, or of
+                   `jax.default_backend()` without a mesh: "pallas_gpu" on GPU,
+                   "pallas_tpu" on TPU, "xla" anywhere else (the CPU).
+
+All of them return the same sums and gradient up to rounding (float32
+accumulation everywhere). Rows are padded with masked pairs to the chosen
+kernel's tile multiples.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from reldistill_jax import losses
+from reldistill_jax import losses, pallas_relational
 
 DEFAULT_TILE = 512
+IMPLEMENTATIONS = ("auto", "xla", "pallas_gpu", "pallas_tpu", "interpret_gpu", "interpret_tpu")
+_AUTO = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu", "tpu": "pallas_tpu"}
 
 
 def _pad_rows(x: jax.Array, multiple: int) -> jax.Array:
@@ -173,6 +193,62 @@ def _relational_block_scan(
   return sums[0], sums[1], sums[2], grads.reshape(r, d)
 
 
+def resolve_implementation(implementation: str, mesh: Mesh | None = None) -> str:
+  """The relational kernel `implementation` names, with "auto" made concrete.
+
+  Args:
+    implementation: one of `IMPLEMENTATIONS`.
+    mesh: the mesh the loss runs on; its devices' platform decides "auto".
+      Without one, `jax.default_backend()` does.
+
+  Returns:
+    "xla", "pallas_gpu", "pallas_tpu", "interpret_gpu" or "interpret_tpu".
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
+  if implementation != "auto":
+    return implementation
+  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+  return _AUTO.get(platform, "xla")
+
+
+def _row_block_kernel(implementation: str):
+  """The `_relational_block_scan`-contract function of a resolved implementation."""
+  if implementation == "xla":
+    return _relational_block_scan
+  kernel = (
+    pallas_relational.relational_block_gpu
+    if implementation.endswith("gpu")
+    else pallas_relational.relational_block_tpu
+  )
+  return functools.partial(kernel, interpret=implementation.startswith("interpret"))
+
+
+def _requested_tiles(implementation: str, tile, dim: int) -> tuple[int, int]:
+  """`tile` (an int, a (rows, columns) pair or None) as (rows, columns)."""
+  if isinstance(tile, int):
+    return tile, tile
+  if tile is not None:
+    return tuple(tile)
+  if implementation == "xla":
+    return DEFAULT_TILE, DEFAULT_TILE
+  if implementation.endswith("gpu"):
+    return pallas_relational.default_gpu_tiles(dim)
+  return pallas_relational.TPU_TILES
+
+
+def _fitted_tiles(implementation: str, tile, rows: int, pairs: int, dim: int) -> tuple[int, int]:
+  """The requested tiles shrunk to a device's R rows and the N pairs."""
+  tile_rows, tile_cols = _requested_tiles(implementation, tile, dim)
+  if implementation == "xla":
+    # Square tiles, a power of two >= 8 covering R (or the requested size).
+    size = min(tile_rows, max(8, 1 << (rows - 1).bit_length()))
+    return size, size
+  if implementation.endswith("gpu"):
+    return pallas_relational.gpu_tiles(rows, pairs, (tile_rows, tile_cols))
+  return pallas_relational.tpu_tiles(rows, pairs, (tile_rows, tile_cols))
+
+
 def blocked_relational(
   k: jax.Array,
   q: jax.Array,
@@ -182,27 +258,36 @@ def blocked_relational(
   *,
   mesh: Mesh | None,
   axis_name: str = "data",
-  tile: int = DEFAULT_TILE,
+  tile: int | tuple[int, int] | None = None,
   compute_dtype=None,
+  implementation: str = "auto",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Relational (loss, cross, intra) on normalised, padded inputs; O(N * D) memory.
 
   Args:
-    k: (N, D) normalised student features, N a multiple of devices * tile.
+    k: (N, D) normalised student features, N a multiple of the device
+      count, and for "xla" of devices * tile (the Pallas kernels pad their
+      blocks themselves).
     q: (N, D) normalised teacher features (constant).
     mask: (N,) valid pairs.
     w_cross: weight of the cross-modal term.
     w_intra: weight of the intra-modal term.
     mesh: device mesh to shard rows over, or None for one device.
     axis_name: the mesh axis holding the pairs.
-    tile: row and column block size.
+    tile: row and column block size (an int for both, or (rows, columns));
+      None for the implementation's default (`DEFAULT_TILE` for "xla",
+      `pallas_relational.default_gpu_tiles(D)` / `TPU_TILES` for the kernels).
     compute_dtype: dtype of the matrix products (float32 accumulation);
       defaults to k's dtype.
+    implementation: which row-block kernel runs (module docstring).
 
   Returns:
     (loss, cross, intra) scalars; only `loss` carries a gradient (w.r.t. k).
   """
   compute_dtype = compute_dtype or k.dtype
+  implementation = resolve_implementation(implementation, mesh)
+  block_kernel = _row_block_kernel(implementation)
+  tile_rows, tile_cols = _requested_tiles(implementation, tile, k.shape[1])
 
   def sums_and_grad(k, q, mask):
     n = mask.sum().astype(jnp.float32)
@@ -212,8 +297,17 @@ def blocked_relational(
 
     def rows(k_r, q_r, m_r, k_all, q_all, m_all, offset):
       cast = lambda x: x.astype(compute_dtype)
-      return _relational_block_scan(
-        cast(k_r), cast(q_r), m_r, cast(k_all), cast(q_all), m_all, offset, coef, tile, tile
+      return block_kernel(
+        cast(k_r),
+        cast(q_r),
+        m_r,
+        cast(k_all),
+        cast(q_all),
+        m_all,
+        offset,
+        coef,
+        tile_rows,
+        tile_cols,
       )
 
     diag, cross_off, intra_off, grad = _shard_rows(rows, mesh, axis_name, 3, 1)(k, q, mask)
@@ -247,7 +341,8 @@ def relational_loss(
   *,
   mesh: Mesh | None,
   axis_name: str = "data",
-  tile: int = DEFAULT_TILE,
+  tile: int | tuple[int, int] | None = None,
+  implementation: str = "auto",
 ) -> dict[str, jax.Array]:
   """`losses.relational_loss` over a mesh with the blocked O(N * D) kernel.
 
@@ -259,16 +354,29 @@ def relational_loss(
     w_intra: weight of the intra-modal term.
     mesh: mesh whose `axis_name` axis shards the pairs; None for one device.
     axis_name: that axis.
-    tile: block size; shrunk for small N so padding stays small.
+    tile: block size (an int, or (rows, columns) for the Pallas kernels), or
+      None for the implementation's default; shrunk for small N so padding
+      stays small.
+    implementation: which row-block kernel runs (module docstring).
 
   Returns:
     {"loss", "cross", "intra"} scalar means.
   """
+  implementation = resolve_implementation(implementation, mesh)
   devices = mesh.shape[axis_name] if mesh is not None else 1
   per_device = -(-k.shape[0] // devices)
-  tile = min(tile, max(8, 1 << (per_device - 1).bit_length()))
-  k, q, mask = _prepare(k, q, mask, devices * tile)
+  tile_rows, tile_cols = _fitted_tiles(implementation, tile, per_device, *k.shape)
+  # Rows: a whole number of row tiles per device; columns: of column tiles.
+  k, q, mask = _prepare(k, q, mask, math.lcm(devices * tile_rows, tile_cols))
   loss, cross, intra = blocked_relational(
-    k, q, mask, w_cross, w_intra, mesh=mesh, axis_name=axis_name, tile=tile
+    k,
+    q,
+    mask,
+    w_cross,
+    w_intra,
+    mesh=mesh,
+    axis_name=axis_name,
+    tile=(tile_rows, tile_cols),
+    implementation=implementation,
   )
   return {"loss": loss, "cross": cross, "intra": intra}

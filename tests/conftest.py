@@ -10,6 +10,9 @@ import pathlib
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
@@ -27,3 +30,18 @@ def realdata() -> pathlib.Path:
       f"real data samples not found at {REALDATA} (they live beside the repository in CI)"
     )
   return REALDATA
+
+
+@pytest.fixture(scope="session")
+def mesh() -> jax.sharding.Mesh:
+  """The 8 simulated CPU devices on one `data` axis (Auto axis type)."""
+  assert jax.device_count() == 8, "XLA_FLAGS must simulate 8 devices before JAX starts"
+  return jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def random_pairs(n: int, d: int, seed: int = 0, valid: float = 0.8):
+  """(k, q, mask): Gaussian (n, d) pair features and a random validity mask."""
+  rng = np.random.default_rng(seed)
+  k = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  q = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  return k, q, jnp.asarray(rng.random(n) < valid)

@@ -4,23 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_pairs as _data
 
 from reldistill_jax import losses
 from reldistill_jax import sharded_losses as sl
-
-
-@pytest.fixture(scope="module")
-def mesh():
-  assert jax.device_count() == 8, "conftest simulates 8 CPU devices"
-  return jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def _data(n, d, seed=0, valid=0.8):
-  rng = np.random.default_rng(seed)
-  k = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
-  q = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
-  return k, q, jnp.asarray(rng.random(n) < valid)
-
 
 PAIRS = {
   "contrastive": (

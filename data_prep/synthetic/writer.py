@@ -17,6 +17,7 @@ at the end, so an interrupted run never leaves a folder that looks complete.
 import concurrent.futures
 import functools
 import json
+import multiprocessing
 import os
 import pathlib
 import shutil
@@ -254,7 +255,10 @@ def _run_jobs(jobs: list, root: str, workers: int) -> list[dict]:
       results[i] = render_sample(job, root)
       bar.update()
   else:
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+    # Spawned, not forked: callers (tests, the training entry point) may have
+    # started JAX's threads, and forking a multithreaded process can deadlock.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
       futures = {pool.submit(render_sample, job, root): i for i, job in enumerate(jobs)}
       try:
         for future in concurrent.futures.as_completed(futures):
