@@ -1,0 +1,119 @@
+"""Throughput and disk size of the offline data stages on this machine.
+
+  python benchmarks/data_prep.py --workdir /tmp/bench_data --out data_prep.json
+
+Runs, each as its user-facing CLI and timed end to end (process start
+included): the synthetic world generator at its default size, the TFDS build
+of that world, and the voxeliser on its `train` split. Writes JSON with
+scans/s of each stage and the bytes per scan of each output (the world's raw
+files split by kind, the TFDS records, the voxel buckets), and prints a
+markdown table. `--smoke` runs a tiny world (a test uses it).
+"""
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/reldistill_bench_data", "Scratch folder (emptied).")
+_OUT = flags.DEFINE_string("out", "data_prep.json", "JSON output file.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Tiny world, for tests.")
+_WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1, "Worker processes of each stage.")
+
+VERSION = "v1.0-synthetic"
+
+
+def _run(args: list[str]) -> float:
+  """Runs a CLI of the project and returns its wall time in seconds."""
+  start = time.perf_counter()
+  subprocess.run([sys.executable, "-m", *args], check=True, capture_output=True, text=True)
+  return time.perf_counter() - start
+
+
+def _size(paths) -> int:
+  return sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def measure(workdir: pathlib.Path, smoke: bool, workers: int) -> dict:
+  """Runs the three stages into `workdir` and returns the measurements."""
+  shutil.rmtree(workdir, ignore_errors=True)
+  workdir.mkdir(parents=True)
+  world, tfds_dir, buckets = workdir / "world", workdir / "tfds", workdir / "buckets"
+  size_args = ["--scenes", "2", "--samples-per-scene", "2"] if smoke else []
+  gen_s = _run(
+    ["data_prep.synthetic", "--out", str(world), "--seed", "0", "--workers", str(workers)]
+    + size_args
+  )
+  scans = len(list((world / "samples" / "LIDAR_TOP").glob("*.pcd.bin")))
+  build_s = _run(
+    [
+      "data_prep.build",
+      "nuscenes_lidarseg",
+      "--manual_dir",
+      str(world),
+      "--data_dir",
+      str(tfds_dir),
+    ]
+  )
+  split = "train"
+  vox_args = [
+      "data_prep.voxelise",
+      "--data_dir", str(tfds_dir),
+      "--builder", f"nuscenes_lidarseg/{VERSION}",
+      "--split", split,
+      "--out", str(buckets),
+      "--workers", str(workers),
+  ]  # fmt: skip
+  vox_s = _run(vox_args)
+  train_scans = json.loads((buckets / "manifest.json").read_text())["num_records"]
+  records = list((tfds_dir / "nuscenes_lidarseg" / VERSION).rglob(f"*-{split}.array_record-*"))
+  per_scan = {
+    "world_sweep_bytes": _size((world / "samples" / "LIDAR_TOP").glob("*")) / scans,
+    "world_lidarseg_bytes": _size((world / "lidarseg").rglob("*.bin")) / scans,
+    "world_jpeg_bytes_6_cameras": _size(
+      p for cam in (world / "samples").glob("CAM_*") for p in cam.glob("*.jpg")
+    )
+    / scans,
+    "world_classmap_bytes_6_cameras": _size((world / "synthetic" / "classmaps").glob("*")) / scans,
+    "tfds_record_bytes": _size(records) / train_scans,
+    "voxel_bucket_bytes": _size(buckets.glob("*.array_record")) / train_scans,
+  }
+  return {
+    "machine": f"{platform.node()} ({os.cpu_count()} CPU cores, {platform.processor() or platform.machine()})",
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "command": " ".join([pathlib.Path(sys.argv[0]).name, *sys.argv[1:]]),
+    "workers": workers,
+    "scans": scans,
+    "voxelised_scans": train_scans,
+    "seconds": {"generate": gen_s, "build": build_s, "voxelise": vox_s},
+    "scans_per_second": {
+      "generate": scans / gen_s,
+      "build": scans / build_s,
+      "voxelise": train_scans / vox_s,
+    },
+    "bytes_per_scan": per_scan,
+  }
+
+
+def main(argv):
+  del argv
+  result = measure(pathlib.Path(_WORKDIR.value), _SMOKE.value, _WORKERS.value)
+  pathlib.Path(_OUT.value).write_text(json.dumps(result, indent=2))
+  print("| stage | scans | seconds | scans/s |\n|---|---|---|---|")
+  for stage, seconds in result["seconds"].items():
+    n = result["voxelised_scans"] if stage == "voxelise" else result["scans"]
+    print(f"| {stage} | {n} | {seconds:.1f} | {result['scans_per_second'][stage]:.2f} |")
+  print("\n| output | KiB per scan |\n|---|---|")
+  for name, size in result["bytes_per_scan"].items():
+    print(f"| {name} | {size / 1024:.0f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
