@@ -93,6 +93,70 @@ def contrastive_loss(
   return means(contrastive_terms(k, q, valid, valid, 0, temperature))
 
 
+# Superpixel contrastive (SLidR).
+
+
+def superpixel_pool(
+  k: jax.Array, q: jax.Array, superpixel: jax.Array, mask: jax.Array, num_superpixels: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Sums of k and q and pair counts per superpixel.
+
+  Args:
+    k: (N, D) normalised 3D pair features.
+    q: (N, D) normalised 2D pair features.
+    superpixel: (N,) int superpixel id of each pair's pixel, in
+      [0, num_superpixels) (ids are unique across the cameras of a batch).
+    mask: (N,) valid pairs.
+    num_superpixels: S, the number of ids.
+
+  Returns:
+    (k_sum (S, D), q_sum (S, D), count (S,)); sums, so that partial pools of
+    several devices add up exactly.
+  """
+  ids = jnp.where(mask, superpixel, num_superpixels)  # masked pairs -> a dropped segment
+  pool = lambda x: jax.ops.segment_sum(x, ids, num_segments=num_superpixels)
+  return pool(k), pool(q), pool(mask.astype(jnp.float32))
+
+
+def superpixel_contrastive_from_pools(
+  k_sum: jax.Array, q_sum: jax.Array, count: jax.Array, temperature: float = 0.07
+) -> dict[str, jax.Array]:
+  """InfoNCE over the mean-pooled superpixel features; empty superpixels dropped."""
+  present = count > 0
+  k_bar = normalize(k_sum / jnp.maximum(count, 1.0)[:, None])
+  q_bar = jax.lax.stop_gradient(normalize(q_sum / jnp.maximum(count, 1.0)[:, None]))
+  return means(contrastive_terms(k_bar, q_bar, present, present, 0, temperature))
+
+
+def superpixel_contrastive_loss(
+  k: jax.Array,
+  q: jax.Array,
+  superpixel: jax.Array,
+  mask: jax.Array | None = None,
+  num_superpixels: int | None = None,
+  temperature: float = 0.07,
+) -> dict[str, jax.Array]:
+  """SLidR's superpixel InfoNCE.
+
+  k and q are average-pooled over the pairs of each superpixel (SLidR pools q
+  over every pixel of the superpixel; here the pixels are the paired ones, the
+  ones whose features the batch carries), empty superpixels are dropped, and
+  point InfoNCE runs over the pooled vectors with 3D anchors.
+
+  Args:
+    k: (N, D) 3D pair features.
+    q: (N, D) 2D pair features (a constant target).
+    superpixel: (N,) superpixel id of each pair, unique across the batch.
+    mask: (N,) valid pairs, or None for all.
+    num_superpixels: S, an upper bound of the ids (static); default N.
+    temperature: softmax temperature.
+  """
+  k, q = prepare_pairs(k, q)
+  valid = _valid(mask, k.shape[0])
+  pools = superpixel_pool(k, q, superpixel, valid, num_superpixels or k.shape[0])
+  return superpixel_contrastive_from_pools(*pools, temperature)
+
+
 # Similarity (cosine, or ScaLR's L2 between unit vectors).
 
 

@@ -109,6 +109,46 @@ def contrastive_loss(
   return losses.means(terms)
 
 
+def superpixel_contrastive_loss(
+  k,
+  q,
+  superpixel,
+  mask=None,
+  num_superpixels: int | None = None,
+  temperature: float = 0.07,
+  *,
+  mesh: Mesh | None,
+  axis_name: str = "data",
+) -> dict[str, jax.Array]:
+  """`losses.superpixel_contrastive_loss`: pools reduced with psum, anchors row-sharded."""
+  devices = _num_rows_multiple(mesh, axis_name)
+  num = num_superpixels or k.shape[0]
+  num += (-num) % devices  # whole row blocks of pooled anchors per device
+  superpixel = _pad_rows(superpixel.astype(jnp.int32), devices)
+  k, q, mask = _prepare(k, q, mask, devices)
+  if mesh is None:
+    return losses.superpixel_contrastive_loss(k, q, superpixel, mask, num, temperature)
+
+  def local(k, q, ids, m):
+    pools = jax.lax.psum(losses.superpixel_pool(k, q, ids, m, num), axis_name)
+    k_sum, q_sum, count = pools
+    rows = num // devices
+    start = jax.lax.axis_index(axis_name) * rows
+    present = count > 0
+    k_bar = losses.normalize(k_sum / jnp.maximum(count, 1.0)[:, None])
+    q_bar = jax.lax.stop_gradient(losses.normalize(q_sum / jnp.maximum(count, 1.0)[:, None]))
+    k_rows = jax.lax.dynamic_slice_in_dim(k_bar, start, rows)
+    present_rows = jax.lax.dynamic_slice_in_dim(present, start, rows)
+    terms = losses.contrastive_terms(k_rows, q_bar, present_rows, present, start, temperature)
+    return jax.lax.psum(terms, axis_name)
+
+  spec = P(axis_name)
+  terms = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4, out_specs=P(), check_vma=False)(
+    k, q, superpixel, mask
+  )
+  return losses.means(terms)
+
+
 def similarity_loss(
   k, q, mask=None, variant: str = "cosine", *, mesh: Mesh | None, axis_name: str = "data"
 ) -> dict[str, jax.Array]:

@@ -42,6 +42,14 @@ def np_relational(k, q, w_cross=1.0, w_intra=1.0):
   return {"loss": w_cross * cross + w_intra * intra, "cross": cross, "intra": intra}
 
 
+def np_superpixel(k, q, ids):
+  """SLidR: mean-pool per superpixel, drop empty ones, InfoNCE over the pools."""
+  present = np.unique(ids)
+  k_bar = np.stack([_unit(k)[ids == s].mean(0) for s in present])
+  q_bar = np.stack([_unit(q)[ids == s].mean(0) for s in present])
+  return np_contrastive(k_bar, q_bar)
+
+
 def numeric_grad(f, k, eps=1e-6):
   """Central differences of a float64 numpy function w.r.t. k."""
   grad = np.zeros_like(k)
@@ -58,7 +66,13 @@ def _data(n=7, d=5, seed=0):
   return rng.normal(size=(n, d)), rng.normal(size=(n, d))
 
 
+SUPERPIXELS = np.array([3, 0, 3, 5, 0, 1, 5])  # id 2 and 4 empty
+
 CASES = {
+  "superpixel": (
+    lambda k, q, m: losses.superpixel_contrastive_loss(k, q, SUPERPIXELS, m, 6)["loss"],
+    None,  # pooled ids depend on the mask: see np_superpixel in the test
+  ),
   "contrastive": (lambda k, q, m: losses.contrastive_loss(k, q, m)["loss"], np_contrastive),
   "cosine": (
     lambda k, q, m: losses.similarity_loss(k, q, m, "cosine")["loss"],
@@ -81,6 +95,8 @@ def test_value_and_gradient_match_numpy(name, masked):
   jax_fn, np_fn = CASES[name]
   k, q = _data()
   mask = np.array([1, 1, 0, 1, 1, 0, 1], bool) if masked else np.ones(7, bool)
+  if name == "superpixel":
+    np_fn = lambda kk, qq: np_superpixel(kk, qq, SUPERPIXELS[mask])
   value, grad = jax.value_and_grad(jax_fn)(
     jnp.asarray(k, jnp.float32), jnp.asarray(q, jnp.float32), jnp.asarray(mask)
   )

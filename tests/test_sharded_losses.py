@@ -9,6 +9,12 @@ from conftest import random_pairs as _data
 from reldistill_jax import losses
 from reldistill_jax import sharded_losses as sl
 
+
+def _superpixels(n):
+  """Superpixel ids shared by pairs on different devices, some ids empty."""
+  return jnp.asarray(np.random.default_rng(n).integers(0, 37, n))
+
+
 PAIRS = {
   "contrastive": (
     lambda k, q, m: losses.contrastive_loss(k, q, m, 0.1),
@@ -21,6 +27,12 @@ PAIRS = {
   "similarity_l2": (
     lambda k, q, m: losses.similarity_loss(k, q, m, "l2"),
     lambda k, q, m, mesh: sl.similarity_loss(k, q, m, "l2", mesh=mesh),
+  ),
+  "superpixel": (
+    lambda k, q, m: losses.superpixel_contrastive_loss(k, q, _superpixels(len(k)), m, 40, 0.1),
+    lambda k, q, m, mesh: sl.superpixel_contrastive_loss(
+      k, q, _superpixels(len(k)), m, 40, 0.1, mesh=mesh
+    ),
   ),
   "relational": (
     lambda k, q, m: losses.relational_loss(k, q, m, 0.6, 1.7),
