@@ -4,6 +4,7 @@ Eight host devices are simulated so that sharded code runs on a CPU; this must
 happen before JAX initialises its backend, hence at import time here.
 """
 
+import functools
 import os
 import pathlib
 
@@ -45,3 +46,22 @@ def random_pairs(n: int, d: int, seed: int = 0, valid: float = 0.8):
   k = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
   q = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
   return k, q, jnp.asarray(rng.random(n) < valid)
+
+
+SYNTHETIC_BUILDER = "nuscenes_lidarseg/v1.0-synthetic"
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> dict[str, pathlib.Path]:
+  """A 3-scene synthetic world (1 validation, 2 training scenes), built and voxelised."""
+  from data_prep import build, voxelise
+  from data_prep.synthetic import writer
+
+  tmp = tmp_path_factory.mktemp("pipeline")
+  world, tfds_dir, buckets = tmp / "world", tmp / "tfds", tmp / "buckets"
+  writer.generate(world, scenes=3, samples_per_scene=2, seed=11, workers=2)
+  build.build("nuscenes_lidarseg", str(world), str(tfds_dir))
+  source = functools.partial(voxelise.open_builder_split, str(tfds_dir), SYNTHETIC_BUILDER, "train")
+  config = voxelise.bucket_config(SYNTHETIC_BUILDER, "train", len(source()), records_per_shard=3)
+  voxelise.voxelise_split(source, str(buckets), config, workers=2)
+  return {"world": world, "tfds": tfds_dir, "buckets": buckets}

@@ -1,35 +1,16 @@
 """The synthetic world through the builder and the voxeliser, read back by TFDS and grain."""
 
-import functools
 import io
 import json
-import pathlib
 
 import grain
 import numpy as np
-import pytest
 import tensorflow_datasets as tfds
+from conftest import SYNTHETIC_BUILDER as BUILDER
 from PIL import Image
 
-from data_prep import build, voxelise
 from data_prep.builders import data_source
-from data_prep.synthetic import writer
 from reldistill_jax import classes, records
-
-BUILDER = "nuscenes_lidarseg/v1.0-synthetic"
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> dict[str, pathlib.Path]:
-  """A 3-scene world (1 validation, 2 training scenes), built and voxelised."""
-  tmp = tmp_path_factory.mktemp("pipeline")
-  world, tfds_dir, buckets = tmp / "world", tmp / "tfds", tmp / "buckets"
-  writer.generate(world, scenes=3, samples_per_scene=2, seed=11, workers=2)
-  build.build("nuscenes_lidarseg", str(world), str(tfds_dir))
-  source = functools.partial(voxelise.open_builder_split, str(tfds_dir), BUILDER, "train")
-  config = voxelise.bucket_config(BUILDER, "train", len(source()), records_per_shard=3)
-  voxelise.voxelise_split(source, str(buckets), config, workers=2)
-  return {"world": world, "tfds": tfds_dir, "buckets": buckets}
 
 
 def test_splits_follow_the_scene_names(pipeline):

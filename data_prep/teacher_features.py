@@ -1,0 +1,165 @@
+r"""Runs a frozen 2D teacher once over every camera image of a split.
+
+  python -m data_prep.teacher_features --teacher clip_vitb16 --weights CKPT \
+      --data_dir DATA --builder nuscenes_lidarseg/v1.0-trainval --split train \
+      --out OUT [--image_size 224x416] [--batch_size 24]
+
+Reads the JPEGs of the TFDS split DATA/<builder> (written by
+`data_prep.build`), resizes each camera image directly from its native size
+to --image_size (default: the teacher's), encodes batches with the teacher
+(jitted; on the GPU when there is one) and writes fp16 patch-grid maps, one
+record per sample holding its six cameras (`reldistill_jax.feature_store`):
+
+  OUT/features-SSSSS-of-NNNNN.array_record
+  OUT/manifest.json    teacher, weights sha256, image size, grid, feature
+                       dim, normalisation, dtype, builder, split; index
+
+Shards are written atomically and a re-run skips the shards already written;
+a run whose teacher, weights or sizes differ from OUT's manifest is refused.
+The synthetic teacher's --weights is the synthetic world's dataroot.
+"""
+
+import concurrent.futures
+import io
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tqdm
+from absl import app, flags, logging
+from PIL import Image
+
+from reldistill_jax import classes, feature_store, records, teachers
+
+
+def define_flags() -> None:
+  """The CLI's flags (defined only when run as a program)."""
+  flags.DEFINE_string("teacher", None, "Teacher name (see reldistill_jax.teachers).", required=True)
+  flags.DEFINE_string("weights", None, "Checkpoint folder/file (synthetic: the world's dataroot).")
+  flags.DEFINE_string("data_dir", None, "Folder of built TFDS datasets.", required=True)
+  flags.DEFINE_string(
+    "builder", None, "Builder name/config, e.g. nuscenes_lidarseg/v1.0-mini.", required=True
+  )
+  flags.DEFINE_string("split", None, "Split to encode.", required=True)
+  flags.DEFINE_string("out", None, "Output folder of the feature store.", required=True)
+  flags.DEFINE_string("image_size", None, "HxW to encode, e.g. 224x416 (default: the teacher's).")
+  flags.DEFINE_integer("batch_size", 24, "Images per teacher call.")
+  flags.DEFINE_integer("records_per_shard", 64, "Samples per output shard.")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+  """'224x416' -> (224, 416)."""
+  try:
+    height, width = (int(v) for v in text.lower().split("x"))
+  except ValueError:
+    raise ValueError(f"image size must be HxW, e.g. 224x416; got {text!r}") from None
+  return height, width
+
+
+def decode_resized(jpeg: bytes, size: tuple[int, int], where: str) -> np.ndarray:
+  """A JPEG decoded and resized directly to size (H, W), as (H, W, 3) uint8."""
+  try:
+    with Image.open(io.BytesIO(jpeg)) as image:
+      image = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
+      return np.asarray(image)
+  except OSError as e:
+    raise ValueError(f"{where}: camera image cannot be decoded ({e})") from e
+
+
+def _images(source: Sequence[Mapping[str, Any]], indices: range, size, pool) -> Iterator[tuple]:
+  """(token, camera tokens, (6, H, W, 3) images) of each sample, decoded in threads."""
+
+  def load(i):
+    record = source[i]
+    token = record["token"].decode()
+    cams = [t.decode() for t in record["camera_tokens"]]
+    images = [
+      decode_resized(jpeg, size, f"sample {token} {classes.NUSCENES_CAMERAS[c]}")
+      for c, jpeg in enumerate(record["images"])
+    ]
+    return token, cams, np.stack(images)
+
+  yield from pool.map(load, indices)
+
+
+def encode_shard(
+  teacher, source, indices: range, size: tuple[int, int], batch_size: int, pool, progress
+) -> Iterator[dict[str, Any]]:
+  """Feature records of the samples `indices`, encoding batch_size images at a time."""
+  pending = []  # (token, cams, images)
+
+  def flush(items):
+    images = np.concatenate([imgs for _, _, imgs in items])
+    cams = [c for _, cs, _ in items for c in cs]
+    feats = np.asarray(teacher.dense_features(images, cams))
+    if not np.all(np.isfinite(feats)):
+      bad = [t for t, _, _ in items]
+      raise FloatingPointError(f"{teacher.name} produced non-finite features for samples {bad}")
+    per_sample = len(classes.NUSCENES_CAMERAS)
+    for k, (token, _, _) in enumerate(items):
+      progress.update()
+      yield {
+        "token": token,
+        "features": feats[k * per_sample : (k + 1) * per_sample].astype(np.float16),
+      }
+
+  samples_per_batch = max(1, batch_size // len(classes.NUSCENES_CAMERAS))
+  for item in _images(source, indices, size, pool):
+    pending.append(item)
+    if len(pending) == samples_per_batch:
+      yield from flush(pending)
+      pending = []
+  if pending:
+    yield from flush(pending)
+
+
+def write_store(
+  teacher,
+  source: Sequence[Mapping[str, Any]],
+  out: str,
+  builder: str,
+  split: str,
+  image_size: tuple[int, int] | None = None,
+  batch_size: int = 24,
+  records_per_shard: int = 64,
+) -> dict[str, Any]:
+  """Encodes every sample of `source` into the store `out` (resuming); returns its manifest."""
+  size = image_size or teacher.default_image_size
+  if not len(source):
+    raise ValueError(f"{builder} split {split} holds no samples")
+  config = feature_store.store_config(teacher, size, builder, split, len(source), records_per_shard)
+  num_shards = -(-len(source) // records_per_shard)
+  writer = records.ShardedWriter(out, config, num_shards, name=feature_store.STORE_NAME)
+  todo = [
+    range(s * records_per_shard, min(len(source), (s + 1) * records_per_shard))
+    for s in writer.pending
+  ]
+  logging.info("%s: %d samples, %d of %d shards to write", out, len(source), len(todo), num_shards)
+  progress = tqdm.tqdm(total=sum(map(len, todo)), unit="sample", desc=f"{teacher.name} features")
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    for shard, indices in zip(writer.pending, todo, strict=True):
+      writer.write_shard(
+        shard, encode_shard(teacher, source, indices, size, batch_size, pool, progress)
+      )
+  progress.close()
+  return writer.finalize()
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  from data_prep import builders  # TFDS import kept out of `--help`
+
+  f = flags.FLAGS
+  teacher = teachers.load(f.teacher, f.weights)
+  size = parse_size(f.image_size) if f.image_size else None
+  source = builders.data_source(f.data_dir, f.builder, f.split)
+  manifest = write_store(
+    teacher, source, f.out, f.builder, f.split, size, f.batch_size, f.records_per_shard
+  )
+  print(f"{f.out}: {manifest['num_records']} samples, grid {manifest['config']['grid']}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,253 @@
+"""Frozen 2D teachers behind one interface.
+
+`load(name, weights_path=None)` returns a `Teacher`:
+
+  dense_features(images_uint8, camera_tokens=None) -> (B, h, w, D) float32
+      patch-grid features of (B, H, W, 3) uint8 images already at the size to
+      encode (resizing belongs to the feature-store writer); the teacher
+      applies its own pixel normalisation.
+  image_embedding(images_uint8) -> (B, D)   pooled, projected (CLIP only)
+  text_embedding(list_of_str) -> (T, D)     projected (CLIP, synthetic)
+
+plus `name`, `patch_size`, `feature_dim`, `default_image_size` (H, W),
+`weights_sha256` and `normalisation` (a description), which the feature store
+records in its manifest.
+
+Names: `clip` and `dinov2` read the architecture from the checkpoint's own
+files, so any size loads; `clip_vitb16`, `clip_vitl14`, `dinov2_vits14`,
+`dinov2_vitb14`, `dinov2_vitl14` also check that the checkpoint is that
+architecture. `synthetic` is the teacher of the synthetic world (below): its
+`weights_path` is the world's dataroot, whose rendered class maps it reads, so
+`dense_features` needs the cameras' sample_data tokens.
+
+The synthetic teacher stands in for CLIP on the synthetic world: each class has
+a prototype (related classes close together, as in CLIP space: vehicles,
+two-wheelers, road furniture, flat ground, nature), a patch's feature is the
+area-weighted mixture of the prototypes of the classes it covers plus
+spatially correlated noise, and its text embeddings are the prototypes. A
+student distilled from it can therefore be scored zero-shot with the same
+evaluator as a CLIP-distilled one, and near-prototype classes are confused
+the way CLIP confuses them.
+"""
+
+import hashlib
+import json
+import pathlib
+import re
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from reldistill_jax import classes
+
+
+class Teacher(Protocol):
+  """What the feature store, the text embeddings and the evaluators use."""
+
+  name: str
+  patch_size: int
+  feature_dim: int
+  default_image_size: tuple[int, int]
+  weights_sha256: str
+  normalisation: str
+
+  def dense_features(
+    self, images: np.ndarray, camera_tokens: Sequence[str] | None = None
+  ) -> np.ndarray: ...
+
+  def text_embedding(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def _check_images(images: np.ndarray, patch_size: int) -> tuple[int, int]:
+  """Validates (B, H, W, 3) uint8 images whose sides are multiples of the patch."""
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+    raise ValueError(f"images must be (B, H, W, 3) uint8, got {images.shape} {images.dtype}")
+  height, width = images.shape[1:3]
+  if height % patch_size or width % patch_size:
+    raise ValueError(
+      f"image size {height}x{width} is not a multiple of the patch size {patch_size}"
+    )
+  return height // patch_size, width // patch_size
+
+
+def sha256_of(paths: Sequence[pathlib.Path]) -> str:
+  """sha256 over the bytes of the given files, in order."""
+  digest = hashlib.sha256()
+  for path in paths:
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+  return digest.hexdigest()
+
+
+# The synthetic teacher.
+
+# Groups of related training ids: prototypes within a group are close.
+SYNTHETIC_GROUPS = (
+  (4, 10, 3, 9, 5),  # car, truck, bus, trailer, construction vehicle
+  (2, 6),  # bicycle, motorcycle
+  (7,),  # pedestrian
+  (1, 8),  # barrier, traffic cone
+  (11, 12, 13),  # driveable surface, other flat, sidewalk
+  (14, 16),  # terrain, vegetation
+  (15,),  # manmade
+)
+SKY = "sky"
+OTHER = "other"  # raw ids that map to the ignore class
+
+
+class SyntheticTeacher:
+  """The teacher of the synthetic world (module docstring).
+
+  Args:
+    world: the synthetic world's dataroot (holding `synthetic/meta.json` and
+      `synthetic/classmaps/`).
+    feature_dim: D.
+    patch_size: pixels per patch at the encoded size (16, as CLIP ViT-B/16).
+    within_group: cosine between prototypes of one group (0 < c < 1).
+    confusion: largest weight with which a class's features lean towards a
+      group-mate's prototype (the mate and the weight field vary per image).
+    noise: standard deviation of the feature noise relative to a unit
+      prototype, spatially correlated over neighbouring patches.
+    seed: seed of the prototypes (fixed, so every world shares one teacher).
+  """
+
+  name = "synthetic"
+
+  def __init__(
+    self,
+    world: str | pathlib.Path,
+    feature_dim: int = 512,
+    patch_size: int = 16,
+    within_group: float = 0.7,
+    confusion: float = 0.55,
+    noise: float = 0.35,
+    seed: int = 0,
+  ):
+    self.world = pathlib.Path(world)
+    meta_path = self.world / "synthetic" / "meta.json"
+    if not meta_path.is_file():
+      raise FileNotFoundError(
+        f"{meta_path}: not a synthetic world (the synthetic teacher's weights_path is the "
+        "world's dataroot, written by `python -m data_prep.synthetic`)"
+      )
+    self.meta = json.loads(meta_path.read_text())
+    self.patch_size = patch_size
+    self.feature_dim = feature_dim
+    self.default_image_size = (224, 416)
+    self.noise = noise
+    self.confusion = confusion
+    self.names = (*classes.NUSCENES_CLASSES, SKY, OTHER)
+    self.prototypes = self._prototypes(feature_dim, within_group, seed)  # (18, D)
+    settings = dict(
+      d=feature_dim, p=patch_size, c=within_group, confusion=confusion, noise=noise, seed=seed
+    )
+    self.weights_sha256 = hashlib.sha256(
+      json.dumps({"teacher": settings, "world": self.meta}, sort_keys=True).encode()
+    ).hexdigest()
+    self.normalisation = "class maps of the synthetic world (no pixel normalisation)"
+    # raw lidarseg id (and the sky id) -> row of `prototypes`.
+    self._row_of_raw = np.full(256, len(self.names) - 1, np.int64)
+    train = classes.NUSCENES_RAW_TO_TRAIN
+    self._row_of_raw[: len(train)] = np.where(
+      train > 0, train.astype(np.int64) - 1, len(self.names) - 1
+    )
+    self._row_of_raw[self.meta["classmap"]["sky_id"]] = len(self.names) - 2
+
+  def _prototypes(self, dim: int, within: float, seed: int) -> np.ndarray:
+    """Unit prototypes: group centre + a class offset, cosine `within` inside a group."""
+    rng = np.random.default_rng(seed)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    protos = np.zeros((len(self.names), dim))
+    # offset weight a gives cos = 1 / (1 + a^2) between two classes of a group.
+    a = np.sqrt(1.0 / within - 1.0)
+    for group in SYNTHETIC_GROUPS:
+      centre = unit(rng.normal(size=dim))
+      for train_id in group:
+        protos[train_id - 1] = unit(centre + a * unit(rng.normal(size=dim)))
+    protos[len(classes.NUSCENES_CLASSES) :] = unit(rng.normal(size=(2, dim)))
+    return protos.astype(np.float32)
+
+  def classmap(self, camera_token: str) -> np.ndarray:
+    """The rendered raw-id class map (h', w') uint8 of one camera image."""
+    path = self.world / self.meta["classmap"]["dir"] / f"{camera_token}.png"
+    if not path.is_file():
+      raise FileNotFoundError(f"{path}: no class map for camera sample_data {camera_token}")
+    return np.asarray(Image.open(path))
+
+  def class_fractions(self, classmap: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(h, w, K) fraction of each prototype's pixels in every grid cell.
+
+    The image is resized directly (anisotropically) to the encoded size, so
+    cell (i, j) covers the same fraction of the native image on both axes.
+    """
+    h, w = grid
+    rows = (np.arange(classmap.shape[0]) * h) // classmap.shape[0]
+    cols = (np.arange(classmap.shape[1]) * w) // classmap.shape[1]
+    cell = rows[:, None] * w + cols[None, :]  # (h', w')
+    k = len(self.names)
+    counts = np.bincount(
+      (cell * k + self._row_of_raw[classmap]).ravel(), minlength=h * w * k
+    ).reshape(h, w, k)
+    return counts / counts.sum(-1, keepdims=True)
+
+  def dense_features(
+    self, images: np.ndarray, camera_tokens: Sequence[str] | None = None
+  ) -> np.ndarray:
+    """(B, h, w, D) features of the cameras `camera_tokens` (images give the size)."""
+    grid = _check_images(images, self.patch_size)
+    if camera_tokens is None or len(camera_tokens) != len(images):
+      raise ValueError("the synthetic teacher needs one camera sample_data token per image")
+    return np.stack([self._features(token, grid) for token in camera_tokens])
+
+  def _features(self, camera_token: str, grid: tuple[int, int]) -> np.ndarray:
+    """(h, w, D) features of one image: drifting prototypes, mixed, plus noise."""
+    h, w = grid
+    # Seeded by the image: the same features every time it is encoded.
+    rng = np.random.default_rng(int(hashlib.sha256(camera_token.encode()).hexdigest()[:16], 16))
+    smooth = lambda x: sum(x[i : i + h, j : j + w] for i in range(3) for j in range(3)) / 3.0
+    # The designed confusion: in each image every class leans towards one
+    # group-mate, by a spatially smooth weight in (0, confusion); where it
+    # passes 1/2 the patch is closer to the mate (a car seen as a truck).
+    mates = np.arange(len(self.names))
+    for group in SYNTHETIC_GROUPS:
+      for train_id in group:
+        others = [g for g in group if g != train_id]
+        if others:
+          mates[train_id - 1] = rng.choice(others) - 1
+    lean = self.confusion / (1.0 + np.exp(-2.0 * smooth(rng.normal(size=(h + 2, w + 2, 1)))))
+    fractions = self.class_fractions(self.classmap(camera_token), grid)  # (h, w, K)
+    mix = (1.0 - lean) * (fractions @ self.prototypes) + lean * (fractions @ self.prototypes[mates])
+    noise = smooth(rng.normal(size=(h + 2, w + 2, self.feature_dim))) / np.sqrt(self.feature_dim)
+    feature = mix + self.noise * noise
+    return (feature / np.linalg.norm(feature, axis=-1, keepdims=True)).astype(np.float32)
+
+  def text_embedding(self, texts: Sequence[str]) -> np.ndarray:
+    """(T, D) prototype of the class each text names (the longest name it holds as words)."""
+    rows = []
+    for text in texts:
+      lowered = text.lower()
+      found = [
+        i for i, name in enumerate(self.names) if re.search(rf"\b{re.escape(name)}\b", lowered)
+      ]
+      if not found:
+        raise ValueError(
+          f"the synthetic teacher knows only its class names {list(self.names)}; got {text!r}"
+        )
+      rows.append(max(found, key=lambda i: len(self.names[i])))
+    return self.prototypes[rows]
+
+
+def load(name: str, weights_path: str | pathlib.Path | None = None) -> Teacher:
+  """The teacher `name` (module docstring), weights read from local files only."""
+  if name == "synthetic":
+    if weights_path is None:
+      raise ValueError("the synthetic teacher needs weights_path = the synthetic world's dataroot")
+    return SyntheticTeacher(weights_path)
+  raise ValueError(f"unknown teacher {name!r}; choose from {sorted(TEACHERS)}")
+
+
+TEACHERS = ("synthetic",)
