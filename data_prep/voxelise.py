@@ -9,7 +9,8 @@ Reads the TFDS ArrayRecord split DATA/<builder>/... written by `data_prep.build`
 (through `data_prep.builders.data_source`; of each record only `token`,
 `points`, `labels`, `has_labels` and the `pairs_*` point-to-pixel pairs, never
 the images) and writes one bucket record per scan (keys: the docstring of
-`reldistill_jax.serialization`) into a record store (`reldistill_jax.records`):
+`reldistill_jax.serialization`, plus `has_labels` and the cameras' native
+`image_sizes`) into a record store (`reldistill_jax.records`):
 
   OUT/buckets-SSSSS-of-NNNNN.array_record   scans i*R .. (i+1)*R-1 of the split
   OUT/manifest.json                         config (every flag that defines the
@@ -39,7 +40,7 @@ from reldistill_jax import records, serialization
 
 # Bumped whenever the bucket schema or its computation changes, so that a
 # store written by older code is refused rather than silently mixed.
-BUCKET_VERSION = 1
+BUCKET_VERSION = 2
 STORE_NAME = "buckets"
 
 
@@ -135,7 +136,10 @@ def bucket_of_scan(scan: Mapping[str, Any], config: Mapping[str, Any]) -> dict[s
     config: from `bucket_config`.
 
   Returns:
-    The bucket record (`serialization.build_bucket`).
+    The bucket record (`serialization.build_bucket`) plus `has_labels` (bool)
+    and `image_sizes` ((cameras, 2) int32 native (height, width), (0, 2)
+    without cameras), which the input pipeline needs to place pairs on the
+    teacher's feature grid.
   """
   token = scan["token"]
   token = token.decode() if isinstance(token, bytes) else str(token)
@@ -143,7 +147,7 @@ def bucket_of_scan(scan: Mapping[str, Any], config: Mapping[str, Any]) -> dict[s
   labels = scan.get("labels")
   if labels is None or not scan.get("has_labels", True):
     labels = np.zeros(len(points), np.uint8)
-  return serialization.build_bucket(
+  bucket = serialization.build_bucket(
     points,
     labels,
     token=token,
@@ -158,6 +162,11 @@ def bucket_of_scan(scan: Mapping[str, Any], config: Mapping[str, Any]) -> dict[s
     pairs_camera=scan.get("pairs_camera"),
     pairs_uv=scan.get("pairs_uv"),
   )
+  bucket["has_labels"] = bool(scan.get("has_labels", True))
+  bucket["image_sizes"] = np.asarray(scan.get("image_sizes", np.zeros((0, 2))), np.int32).reshape(
+    -1, 2
+  )
+  return bucket
 
 
 def open_builder_split(data_dir: str, builder: str, split: str) -> Sequence[Mapping[str, Any]]:

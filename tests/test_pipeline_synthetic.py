@@ -81,6 +81,8 @@ def test_buckets_read_back_through_grain(pipeline):
     v = bucket["num_voxels"]
     assert bucket["features"].shape == (bucket["capacity"], 5)
     assert bucket["num_dropped_voxels"] == 0 and np.all(bucket["point_to_voxel"] >= 0)
+    assert bucket["has_labels"]
+    np.testing.assert_array_equal(bucket["image_sizes"], scan["image_sizes"])
     # Every pair of the builder record is carried over to its point's voxel.
     np.testing.assert_array_equal(
       bucket["pairs_voxel"], bucket["point_to_voxel"][scan["pairs_point"]]
