@@ -622,3 +622,57 @@ def build_bucket(
   record["pairs_camera"] = np.asarray(pairs_camera).astype(np.uint8)[valid]
   record["pairs_uv"] = np.asarray(pairs_uv, np.float32).reshape(-1, 2)[valid]
   return record
+
+
+def pad_bucket(
+  bucket: dict, capacity: int, patch_size: int, stage_ratio: float = DEFAULT_STAGE_RATIO
+) -> dict:
+  """The same bucket in a larger stage-0 capacity (so a batch has one shape).
+
+  Appended slots are padding: masked, zero, after every valid slot in every
+  order, and every SENTINEL moves to the new capacity of the stage it indexes.
+  The result equals `build_bucket` of the same scan with `capacities=(capacity,)`.
+
+  Args:
+    bucket: a record of `build_bucket`.
+    capacity: the new stage-0 capacity (>= the bucket's).
+    patch_size: the patch size the bucket was built with.
+    stage_ratio: the stage ratio it was built with.
+
+  Raises:
+    ValueError: if the bucket is larger than `capacity` (names its token).
+  """
+  old_c0 = int(bucket["capacity"])
+  if old_c0 == capacity:
+    return bucket
+  if old_c0 > capacity:
+    raise ValueError(
+      f"scan {bucket['token']!r} has a {old_c0}-voxel bucket, larger than the batch capacity "
+      f"{capacity}; raise the capacity to at least {old_c0}"
+    )
+  num_stages = sum(1 for key in bucket if key.endswith("/mask"))
+  old = [bucket[f"s{s}/mask"].shape[0] for s in range(num_stages)]
+  new = stage_capacities(capacity, num_stages, patch_size, stage_ratio)
+  out = dict(bucket, capacity=capacity)
+  rows = lambda x, n, fill=0: np.concatenate(
+    [x, np.full((n - len(x), *x.shape[1:]), fill, x.dtype)]
+  )
+  out["features"] = rows(bucket["features"], capacity)
+  out["labels"] = rows(bucket["labels"], capacity)
+  for s, (c_old, c_new) in enumerate(zip(old, new, strict=True)):
+    tail = np.broadcast_to(
+      np.arange(c_old, c_new, dtype=np.int32), (bucket[f"s{s}/order"].shape[0], c_new - c_old)
+    )
+    out[f"s{s}/coords"] = rows(bucket[f"s{s}/coords"], c_new)
+    out[f"s{s}/mask"] = rows(bucket[f"s{s}/mask"], c_new, False)
+    out[f"s{s}/order"] = np.concatenate([bucket[f"s{s}/order"], tail], axis=1)
+    out[f"s{s}/inverse"] = np.concatenate([bucket[f"s{s}/inverse"], tail], axis=1)
+    neighbors = bucket[f"s{s}/neighbors"]
+    out[f"s{s}/neighbors"] = rows(
+      np.where(neighbors == c_old, c_new, neighbors).astype(np.int32), c_new, c_new
+    )
+    if s + 1 < num_stages:
+      parent = bucket[f"s{s}/parent"]
+      moved = np.where(parent == old[s + 1], new[s + 1], parent).astype(np.int32)
+      out[f"s{s}/parent"] = rows(moved, c_new, new[s + 1])
+  return out

@@ -427,3 +427,22 @@ def test_real_nuscenes_scan_is_fast_and_consistent(realdata):
     order, inverse = record[f"s{s}/order"], record[f"s{s}/inverse"]
     arange = np.broadcast_to(np.arange(order.shape[1]), order.shape)
     np.testing.assert_array_equal(np.take_along_axis(inverse, order, axis=1), arange)
+
+
+@pytest.mark.parametrize("target", [CAPACITIES[-1], 2 * CAPACITIES[-1]])
+def test_pad_bucket_equals_building_in_the_larger_capacity(scan, target):
+  points, labels = scan
+  small = bucket_of(points, labels)
+  assert small["capacity"] < target
+  padded = ser.pad_bucket(small, target, PATCH, stage_ratio=0.5)
+  direct = bucket_of(points, labels, capacities=(target,))
+  assert set(padded) == set(direct)
+  for key, value in direct.items():
+    np.testing.assert_array_equal(padded[key], value, err_msg=key)
+    assert np.asarray(padded[key]).dtype == np.asarray(value).dtype, key
+
+
+def test_pad_bucket_refuses_a_smaller_capacity(scan):
+  small = bucket_of(*scan)
+  with pytest.raises(ValueError, match="larger than the batch capacity"):
+    ser.pad_bucket(small, small["capacity"] - PATCH, PATCH, stage_ratio=0.5)
