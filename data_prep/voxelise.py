@@ -38,9 +38,6 @@ from absl import app, flags, logging
 
 from reldistill_jax import records, serialization
 
-# Bumped whenever the bucket schema or its computation changes, so that a
-# store written by older code is refused rather than silently mixed.
-BUCKET_VERSION = 2
 STORE_NAME = "buckets"
 
 
@@ -110,7 +107,7 @@ def bucket_config(
   if records_per_shard < 1:
     raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
   return {
-    "bucket_version": BUCKET_VERSION,
+    "bucket_version": serialization.BUCKET_VERSION,
     "builder": builder,
     "split": split,
     "num_scans": int(num_scans),

@@ -72,6 +72,10 @@ from absl import logging
 # scan may span 2**21 * 0.1 m = 210 km, far beyond any lidar.
 CODE_BITS = 21
 
+# Bumped whenever the bucket schema or its computation changes, so that a
+# store written by older code is refused rather than silently mixed.
+BUCKET_VERSION = 2
+
 CURVES = ("z", "z-trans", "hilbert", "hilbert-trans")
 GRIDS = ("cartesian", "cylindrical")
 

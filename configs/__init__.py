@@ -1,0 +1,1 @@
+"""Experiment configurations (ml_collections files with `get_config(arg)`)."""

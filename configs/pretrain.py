@@ -1,0 +1,103 @@
+r"""Pretraining: distil a frozen 2D teacher into the 3D student.
+
+  python -m reldistill_jax.main \
+    --config configs/pretrain.py:loss=relational,teacher=clip_vitb16,dataset=nuscenes \
+    --config.input.buckets=/data/buckets/nuscenes/train_parametrize \
+    --config.input.features=/data/features/clip_vitb16/train_parametrize \
+    --workdir /runs/relational_clip
+
+Arguments: loss=relational|contrastive|similarity, teacher=clip_vitb16|
+dinov2_vitb14|synthetic (sets the feature dimension), dataset=nuscenes|
+synthetic, and `runlocal` (a tiny model and a few steps: minutes on a CPU).
+The buckets and the feature store are made by `data_prep.voxelise` and
+`data_prep.teacher_features` (README: preparing data).
+"""
+
+import ml_collections
+
+from configs import common
+
+TEACHER_DIM = {"clip_vitb16": 512, "dinov2_vitb14": 768, "synthetic": 512}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(
+    arg, {"loss": "relational", "teacher": "clip_vitb16", "dataset": "nuscenes"}
+  )
+  if args["loss"] not in ("relational", "contrastive", "similarity"):
+    raise ValueError(f"loss={args['loss']}: choose relational, contrastive or similarity")
+  if args["teacher"] not in TEACHER_DIM:
+    raise ValueError(f"teacher={args['teacher']}: choose from {sorted(TEACHER_DIM)}")
+  if args["dataset"] not in ("nuscenes", "synthetic"):
+    raise ValueError(f"dataset={args['dataset']}: choose nuscenes or synthetic")
+
+  config = ml_collections.ConfigDict()
+  config.kind = "pretrain"
+  config.seed = 0
+
+  # Input.
+  config.input = ml_collections.ConfigDict()
+  config.input.buckets = common.optional_str()
+  config.input.features = common.optional_str()
+  config.input.capacity = 32768  # every nuScenes keyframe at 0.1 m fits
+  config.input.num_pairs = 4096  # pair slots per scan (relational: all of them enter the loss)
+  config.input.batch_size = 16
+  config.input.intensity_scale = 1.0 / 255.0
+  config.input.augment = ml_collections.ConfigDict(
+    {"rotate": True, "flip": True, "scale": (0.95, 1.05)}
+  )
+  config.input.num_threads = 8
+  config.input.prefetch = 4
+
+  # Model.
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "point_encoder"
+  config.model.variant = "base"
+  config.model.out_dim = TEACHER_DIM[args["teacher"]]
+  config.model.patch_size = 1024
+  config.model.num_curves = 4
+  config.model.dtype = "bfloat16"
+
+  # Loss.
+  config.loss = ml_collections.ConfigDict()
+  config.loss.name = args["loss"]
+  config.loss.w_cross = 1.0
+  config.loss.w_intra = 1.0
+  config.loss.temperature = 0.07
+  config.loss.similarity = "cosine"
+  config.loss.implementation = "auto"
+
+  # Optimizer (ScaLR's AdamW recipe).
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adamw"
+  config.optimizer.lr = 2e-3
+  config.optimizer.weight_decay = 0.03
+  config.optimizer.momentum = 0.9
+  config.optimizer.warmup_steps = 3500
+  config.optimizer.clip_norm = 1.0
+  config.num_steps = 100_000
+  config.log_every = 50
+
+  # Mesh: the data axis over every device (-1).
+  config.mesh = ml_collections.ConfigDict({"data": -1})
+
+  # Checkpointing.
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every = 1000
+  config.checkpoint.keep = 3
+  config.checkpoint.resume = common.optional_str()
+  config.checkpoint.init_from = common.optional_str()
+
+  if args["dataset"] == "synthetic":
+    config.input.capacity = 24576
+  if args["runlocal"]:
+    config.model.variant = "tiny"
+    config.model.dtype = "float32"
+    config.input.batch_size = 2
+    config.input.num_pairs = 1024
+    config.input.num_threads = 2
+    config.optimizer.warmup_steps = 2
+    config.num_steps = 6
+    config.log_every = 2
+    config.checkpoint.every = 3
+  return config

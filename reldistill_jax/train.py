@@ -1,0 +1,310 @@
+"""The pretraining loop: distil a frozen 2D teacher into the 3D student.
+
+Read top to bottom: mesh -> data -> model and optimizer (shape first, then
+initialised sharded) -> update step -> restore -> loop. The teacher never
+enters the train state: its features come from the offline feature store.
+
+The train state is a plain pytree {"params", "opt_state", "step"}; a
+checkpoint also holds the grain iterator state, so a resumed run sees exactly
+the batches an uninterrupted one would. Restore order: the workdir's latest
+checkpoint, else `config.checkpoint.resume` (a checkpoint folder), else
+`config.checkpoint.init_from` (encoder parameters only).
+"""
+
+import functools
+import importlib
+import pathlib
+import signal
+import time
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from reldistill_jax import (
+  feature_store,
+  input_pipeline,
+  pairs,
+  records,
+  serialization,
+  sharded_losses,
+)
+from reldistill_jax import metrics_writer as mw
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """A 1-D `data` mesh over every device (or `config.mesh.data` of them)."""
+  n = config.mesh.data if config.mesh.data > 0 else jax.device_count()
+  return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def make_model(config: ml_collections.ConfigDict):
+  """The student named by `config.model.name` (a module of reldistill_jax.models)."""
+  module = importlib.import_module(f"reldistill_jax.models.{config.model.name}")
+  return module.Model(
+    variant=config.model.variant,
+    out_dim=config.model.out_dim,
+    patch_size=config.model.patch_size,
+    num_curves=config.model.num_curves,
+    dtype=jnp.dtype(config.model.dtype),
+  )
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
+  """Optimizer and learning-rate schedule of `config.optimizer` (PROTOCOLS.md section 6)."""
+  opt = config.optimizer
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0, opt.lr, min(opt.warmup_steps, max(config.num_steps - 1, 1)), max(config.num_steps, 2)
+  )
+  # No weight decay on biases, norms and other vectors.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  if opt.name == "adamw":
+    core = optax.adamw(schedule, weight_decay=opt.weight_decay, mask=decay_mask)
+  elif opt.name == "sgd":
+    core = optax.chain(
+      optax.add_decayed_weights(opt.weight_decay, mask=decay_mask),
+      optax.sgd(schedule, momentum=opt.momentum),
+    )
+  else:
+    raise ValueError(f"config.optimizer.name: unknown optimizer {opt.name!r} (adamw or sgd)")
+  tx = optax.chain(optax.clip_by_global_norm(opt.clip_norm), core) if opt.clip_norm else core
+  return tx, schedule
+
+
+def make_loss(config: ml_collections.ConfigDict, mesh):
+  """loss(k, q, mask) -> dict of means, sharded over the mesh."""
+  cfg = config.loss
+  if cfg.name == "relational":
+    return functools.partial(
+      sharded_losses.relational_loss,
+      w_cross=cfg.w_cross,
+      w_intra=cfg.w_intra,
+      mesh=mesh,
+      implementation=cfg.implementation,
+    )
+  if cfg.name == "contrastive":
+    return functools.partial(
+      sharded_losses.contrastive_loss, temperature=cfg.temperature, mesh=mesh
+    )
+  if cfg.name == "similarity":
+    return functools.partial(sharded_losses.similarity_loss, variant=cfg.similarity, mesh=mesh)
+  raise ValueError(f"config.loss.name: unknown loss {cfg.name!r}")
+
+
+def open_data(config: ml_collections.ConfigDict, process_index: int, process_count: int):
+  """The training dataset of this process and the stores behind it."""
+  inp = config.input
+  buckets = records.ShardedReader(inp.buckets, {"bucket_version": serialization.BUCKET_VERSION})
+  store = feature_store.FeatureStore(inp.features, {"feature_dim": config.model.out_dim})
+  if inp.batch_size % process_count:
+    raise ValueError(
+      f"config.input.batch_size {inp.batch_size} is not divisible by {process_count} processes"
+    )
+  transform = input_pipeline.Transform(
+    buckets.config,
+    inp.capacity,
+    inp.num_pairs,
+    inp.intensity_scale,
+    grid=tuple(store.config["grid"]),
+    augment=input_pipeline.Augment(inp.augment.rotate, inp.augment.flip, tuple(inp.augment.scale)),
+  )
+  ds = input_pipeline.dataset(buckets, store, transform, inp.batch_size, seed=config.seed)
+  # Each process reads every process_count-th global batch's own slice.
+  per_process = inp.batch_size // process_count
+  ds = ds.map(
+    lambda b: {
+      k: v[process_index * per_process : (process_index + 1) * per_process] for k, v in b.items()
+    }
+  )
+  options = grain.ReadOptions(num_threads=inp.num_threads, prefetch_buffer_size=inp.prefetch)
+  return ds.to_iter_dataset(options), buckets, store
+
+
+def update_step(state, batch, *, model, tx, loss_fn, schedule):
+  """One optimizer step; returns the new state and its measurements."""
+
+  def objective(params):
+    features, _ = model.apply(params, batch)
+    k, q, mask = pairs.batch_pairs(features, batch)
+    out = loss_fn(k, q, mask)
+    return out["loss"], (out, mask.sum())
+
+  (_, (parts, num_pairs)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  measurements = {
+    **{f"loss/{k}" if k != "loss" else "loss": v for k, v in parts.items()},
+    "grad_norm": optax.global_norm(grads),
+    "param_norm": optax.global_norm(params),
+    "update_norm": optax.global_norm(updates),
+    "learning_rate": schedule(state["step"]),
+    "pairs": num_pairs,
+  }
+  return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, measurements
+
+
+class _Stop:
+  """Set by SIGTERM: the loop saves a checkpoint and returns."""
+
+  requested = False
+
+  @classmethod
+  def handler(cls, signum, frame):
+    del signum, frame
+    cls.requested = True
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Pretrains the student of `config` in `workdir`; returns the last measurements."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+
+  # Mesh.
+  mesh = make_mesh(config)
+  replicated = NamedSharding(mesh, P())
+  data_sharding = NamedSharding(mesh, P("data"))
+
+  # Data.
+  if config.input.batch_size % mesh.shape["data"]:
+    raise ValueError(
+      f"config.input.batch_size {config.input.batch_size} is not divisible by the "
+      f"{mesh.shape['data']} devices of the data axis"
+    )
+  iterator_ds, buckets, _ = open_data(config, jax.process_index(), jax.process_count())
+  iterator = iter(iterator_ds)
+  if config.model.patch_size != buckets.config["patch_size"]:
+    raise ValueError(
+      f"config.model.patch_size {config.model.patch_size} differs from the buckets' "
+      f"{buckets.config['patch_size']} ({buckets.path})"
+    )
+
+  # Model and optimizer, shape first, then initialised already replicated.
+  model = make_model(config)
+  tx, schedule = make_optimizer(config)
+  example = input_pipeline.Transform(
+    buckets.config, config.input.capacity, 0, config.input.intensity_scale
+  )(buckets[0])
+  example = {k: v[None] for k, v in example.items() if k not in input_pipeline.HOST_KEYS}
+
+  def init(rng):
+    params = model.init(rng, example)
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  abstract = jax.eval_shape(init, jax.random.key(config.seed))
+  state_sharding = jax.tree.map(lambda _: replicated, abstract)
+  loss_fn = make_loss(config, mesh)
+  step_fn = jax.jit(
+    functools.partial(update_step, model=model, tx=tx, loss_fn=loss_fn, schedule=schedule),
+    in_shardings=(state_sharding, data_sharding),
+    out_shardings=(state_sharding, replicated),
+    donate_argnums=(0,),
+  )
+
+  # Restore: the workdir's latest, else resume, else init_from (encoder only).
+  manager = ocp.CheckpointManager(
+    (workdir / "checkpoints").absolute(),
+    options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True),
+  )
+  abstract_sharded = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
+  )
+  state = _restore(manager, config, abstract_sharded, iterator, init, state_sharding)
+  start = int(state["step"])
+  logging.info("training from step %d to %d on %s", start, config.num_steps, mesh)
+
+  # Loop.
+  writer = mw.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  previous = signal.signal(signal.SIGTERM, _Stop.handler)
+  _Stop.requested = False
+  measurements, pending, t0 = {}, None, time.perf_counter()
+  try:
+    # Implicit host <-> device transfers fail loudly; the loop's are explicit.
+    with jax.transfer_guard("disallow"):
+      for step in range(start, config.num_steps):
+        batch = next(iterator)
+        tokens = batch["token"]
+        state, out = step_fn(state, input_pipeline.to_device(batch, data_sharding))
+        # The previous step's loss is checked while this one runs.
+        if pending is not None:
+          _check_finite(*pending)
+        pending = (out, step + 1, tokens)
+        if (step + 1) % config.log_every == 0 or step + 1 == config.num_steps:
+          _check_finite(*pending)
+          measurements = {k: float(v) for k, v in jax.device_get(out).items()}
+          elapsed = time.perf_counter() - t0
+          measurements["step_time"] = elapsed / config.log_every
+          measurements["pairs_per_second"] = measurements["pairs"] / measurements["step_time"]
+          writer.write(step + 1, measurements, config.num_steps)
+          t0 = time.perf_counter()
+        last = step + 1 == config.num_steps
+        if (step + 1) % config.checkpoint.every == 0 or last or _Stop.requested:
+          _save(manager, step + 1, state, iterator)
+        if _Stop.requested:
+          logging.warning("SIGTERM: saved step %d, stopping", step + 1)
+          break
+    if pending is not None:
+      _check_finite(*pending)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    manager.wait_until_finished()
+    writer.close()
+  return {"state": state, "measurements": measurements, "model": model}
+
+
+def _save(manager, step: int, state, iterator) -> None:
+  manager.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)
+    ),
+    force=True,
+  )
+
+
+def _restore(manager, config, abstract_sharded, iterator, init, state_sharding):
+  """The state to start from (module docstring: restore order)."""
+  args = lambda: ocp.args.Composite(
+    state=ocp.args.StandardRestore(abstract_sharded),
+    data=grain.checkpoint.CheckpointRestore(iterator),
+  )
+  if manager.latest_step() is not None:
+    logging.info("resuming from %s step %d", manager.directory, manager.latest_step())
+    return manager.restore(manager.latest_step(), args=args())["state"]
+  if config.checkpoint.resume:
+    other = ocp.CheckpointManager(pathlib.Path(config.checkpoint.resume).absolute())
+    if other.latest_step() is None:
+      raise FileNotFoundError(
+        f"config.checkpoint.resume: no checkpoint in {config.checkpoint.resume}"
+      )
+    return other.restore(other.latest_step(), args=args())["state"]
+  state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(config.seed))
+  if config.checkpoint.init_from:
+    params = load_params(config.checkpoint.init_from)
+    state["params"] = jax.device_put(params, state_sharding["params"])
+  return state
+
+
+def load_params(checkpoints: str | pathlib.Path):
+  """The student parameters of the latest checkpoint in a checkpoint folder."""
+  manager = ocp.CheckpointManager(pathlib.Path(checkpoints).absolute())
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{checkpoints}: no checkpoint to take parameters from")
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return restored["state"]["params"]
+
+
+def _check_finite(out, step: int, tokens) -> None:
+  """Stops the run on a non-finite loss, naming the step and the batch's samples."""
+  loss = float(jax.device_get(out["loss"]))
+  if not np.isfinite(loss):
+    names = [t.decode() if isinstance(t, bytes) else str(t) for t in np.asarray(tokens).ravel()]
+    raise FloatingPointError(f"non-finite loss {loss} at step {step}; batch samples: {names}")

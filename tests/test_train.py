@@ -1,0 +1,105 @@
+"""The pretraining loop on a small synthetic world: steps, devices, resume."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import pretrain
+from reldistill_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ARG = "loss=relational,teacher=synthetic,dataset=synthetic,runlocal"
+OVERRIDES = {
+  "input.capacity": 8192,
+  "mesh.data": 1,
+  "input.num_pairs": 256,
+  "model.patch_size": 128,
+  "num_steps": 4,
+  "log_every": 1,
+  "checkpoint.every": 2,
+}
+
+
+def _config(data, **extra):
+  config = pretrain.get_config(ARG)
+  config.input.buckets = str(data["buckets"])
+  config.input.features = str(data["features"])
+  for key, value in {**OVERRIDES, **extra}.items():
+    node = config
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def test_training_runs_and_writes_its_outputs(small_training_data, tmp_path):
+  out = train.train_and_evaluate(_config(small_training_data), tmp_path)
+  m = out["measurements"]
+  for key in ("loss", "loss/cross", "loss/intra", "grad_norm", "param_norm", "update_norm"):
+    assert np.isfinite(m[key]) and m[key] >= 0, key
+  assert m["pairs"] == 2 * 256  # every scan has more than 256 pairs
+  assert m["learning_rate"] > 0 and m["step_time"] > 0
+  assert int(out["state"]["step"]) == 4
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
+    "2",
+    "4",
+  ]
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_eight_devices_give_the_one_device_loss(small_training_data, tmp_path):
+  losses = {}
+  for devices in (1, 8):
+    config = _config(
+      small_training_data, num_steps=1, **{"mesh.data": devices, "input.batch_size": 8}
+    )
+    losses[devices] = train.train_and_evaluate(config, tmp_path / str(devices))["measurements"]
+  for key in ("loss", "loss/cross", "loss/intra", "grad_norm"):
+    np.testing.assert_allclose(losses[8][key], losses[1][key], rtol=1e-5, err_msg=key)
+
+
+def _main(config_args: list[str], workdir: pathlib.Path) -> subprocess.Popen:
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "reldistill_jax.main", f"--config=configs/pretrain.py:{ARG}"]
+  cmd += config_args + [f"--workdir={workdir}"]
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_resume_after_sigkill_is_exact(small_training_data, tmp_path):
+  args = [f"--config.input.buckets={small_training_data['buckets']}"]
+  args += [f"--config.input.features={small_training_data['features']}"]
+  args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  full = _main(args, tmp_path / "full")
+  assert full.wait(timeout=300) == 0, full.stderr.read().decode()[-3000:]
+
+  killed = _main(args, tmp_path / "killed")
+  checkpoint = tmp_path / "killed" / "checkpoints" / "2"
+  deadline = time.time() + 300
+  while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert checkpoint.exists(), killed.stderr.read().decode()[-3000:]
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  assert not (tmp_path / "killed" / "checkpoints" / "4").exists()
+
+  resumed = _main(args, tmp_path / "killed")
+  assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-3000:]
+  a = train.load_params(tmp_path / "full" / "checkpoints")
+  b = train.load_params(tmp_path / "killed" / "checkpoints")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match="loss=hinge"):
+    pretrain.get_config("loss=hinge")
+  with pytest.raises(ValueError, match="unknown config argument 'lr'"):
+    pretrain.get_config("lr=3")
