@@ -13,7 +13,9 @@ R curves, P pair slots per sample, h x w the teacher grid, D its dimension):
   pairs_voxel       (B, P) int32: stage-0 slot of each sampled pair.
   pairs_camera      (B, P) int32: camera index of each pair.
   pairs_grid        (B, P, 2) float32: (row, col) of the pair's pixel on the
-                    teacher grid, cell (i, j) spanning [i, i+1) x [j, j+1).
+                    teacher grid, cell (i, j) spanning [i, i+1) x [j, j+1)
+                    (projected pixel coordinates have pixel centres at
+                    integers, hence the + 0.5: `vit.pixel_to_cell`).
   pairs_mask        (B, P) bool: the pair slot holds a pair.
   teacher           (B, cameras, h, w, D) float16: the stored teacher maps
                     (only when a feature store is given).
@@ -126,8 +128,8 @@ class Transform:
     if n and self.grid is not None:
       native = bucket["image_sizes"][camera].astype(np.float32)  # (n, 2) height, width
       uv = bucket["pairs_uv"][pick]
-      grid[:n, 0] = uv[:, 1] * self.grid[0] / native[:, 0]
-      grid[:n, 1] = uv[:, 0] * self.grid[1] / native[:, 1]
+      grid[:n, 0] = (uv[:, 1] + 0.5) * self.grid[0] / native[:, 0]
+      grid[:n, 1] = (uv[:, 0] + 0.5) * self.grid[1] / native[:, 1]
     pad = lambda x: np.concatenate([x, np.zeros((p - n, *x.shape[1:]), x.dtype)])
     return {
       "pairs_voxel": pad(bucket["pairs_voxel"][pick].astype(np.int32)),

@@ -185,8 +185,9 @@ class SyntheticTeacher:
     cell (i, j) covers the same fraction of the native image on both axes.
     """
     h, w = grid
-    rows = (np.arange(classmap.shape[0]) * h) // classmap.shape[0]
-    cols = (np.arange(classmap.shape[1]) * w) // classmap.shape[1]
+    # Pixel p spans [p, p + 1): its centre decides its cell.
+    rows = ((np.arange(classmap.shape[0]) + 0.5) * h / classmap.shape[0]).astype(np.int64)
+    cols = ((np.arange(classmap.shape[1]) + 0.5) * w / classmap.shape[1]).astype(np.int64)
     cell = rows[:, None] * w + cols[None, :]  # (h', w')
     k = len(self.names)
     counts = np.bincount(
