@@ -1,0 +1,1 @@
+"""Evaluators: segmentation metrics, zero-shot prediction, the structural gap."""
