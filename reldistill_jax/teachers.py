@@ -30,6 +30,7 @@ evaluator as a CLIP-distilled one, and near-prototype classes are confused
 the way CLIP confuses them.
 """
 
+import functools
 import hashlib
 import json
 import pathlib
@@ -37,6 +38,7 @@ import re
 from collections.abc import Sequence
 from typing import Protocol
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -242,13 +244,98 @@ class SyntheticTeacher:
     return self.prototypes[rows]
 
 
+class VitTeacher:
+  """CLIP (MaskCLIP dense features, image and text embeddings) or DINOv2.
+
+  Args:
+    name: the teacher name (module docstring).
+    path: checkpoint folder (transformers layout) or open_clip file/folder.
+  """
+
+  def __init__(self, name: str, path: str | pathlib.Path):
+    from reldistill_jax.models import vit, vit_import  # JAX models load lazily
+
+    self.name = name
+    self.path = pathlib.Path(path)
+    family = name.split("_")[0]
+    loader = vit_import.load_clip_vision if family == "clip" else vit_import.load_dinov2
+    self.config, params = loader(self.path)
+    expected = _ARCHITECTURES.get(name)
+    if expected is not None:
+      want = vit.VARIANTS[expected]
+      got = (self.config.patch_size, self.config.width, self.config.layers)
+      if got != (want.patch_size, want.width, want.layers):
+        raise ValueError(
+          f"{self.path}: {name} expects patch {want.patch_size}, width {want.width}, "
+          f"{want.layers} layers; the checkpoint has patch {got[0]}, width {got[1]}, {got[2]} layers "
+          f"(load it as {family!r} to accept any size)"
+        )
+    self.patch_size = self.config.patch_size
+    self.feature_dim = self.config.out_dim
+    # 224 rows and the width nearest 416 that is a whole number of patches.
+    self.default_image_size = (
+      224 // self.patch_size * self.patch_size,
+      round(416 / self.patch_size) * self.patch_size,
+    )
+    self.normalisation = f"mean {list(self.config.pixel_mean)}, std {list(self.config.pixel_std)}"
+    files = sorted(self.path.rglob("*.safetensors")) if self.path.is_dir() else [self.path]
+    self.weights_sha256 = sha256_of(files)
+    model = vit.ViT(self.config)
+    self._params = jax.device_put({"params": params})
+    self._normalize = functools.partial(vit.normalize_pixels, config=self.config)
+    self._apply = jax.jit(lambda p, x: model.apply(p, x))
+    self._text = None
+    if family == "clip":
+      from reldistill_jax.models import clip_text
+
+      self._text = clip_text.load_clip_text(self.path)
+      self._encode_text = clip_text.encode_text
+
+  def _run(self, images: np.ndarray):
+    _check_images(images, self.patch_size)
+    return self._apply(self._params, self._normalize(images))
+
+  def dense_features(
+    self, images: np.ndarray, camera_tokens: Sequence[str] | None = None
+  ) -> np.ndarray:
+    """(B, h, w, D): MaskCLIP features (CLIP) or pre-norm patch tokens (DINOv2)."""
+    del camera_tokens  # the images themselves are encoded
+    return np.asarray(self._run(images)[0], np.float32)
+
+  def image_embedding(self, images: np.ndarray) -> np.ndarray:
+    """(B, D) pooled, projected image embeddings (CLIP's get_image_features)."""
+    if self._text is None:
+      raise ValueError(f"{self.name} has no image-text embedding (DINOv2 is not a CLIP model)")
+    return np.asarray(self._run(images)[1]["image_embeds"], np.float32)
+
+  def text_embedding(self, texts: Sequence[str]) -> np.ndarray:
+    """(T, D) projected text embeddings (CLIP's get_text_features)."""
+    if self._text is None:
+      raise ValueError(f"{self.name} has no text tower (DINOv2 is not a CLIP model)")
+    config, params, tokenizer = self._text
+    return self._encode_text(params, config, tokenizer, list(texts))
+
+
+# Named teachers whose checkpoint must be that architecture (vit.VARIANTS names).
+_ARCHITECTURES = {
+  "clip_vitb16": "clip_b16",
+  "clip_vitl14": "clip_l14",
+  "dinov2_vits14": "dinov2_s14",
+  "dinov2_vitb14": "dinov2_b14",
+  "dinov2_vitl14": "dinov2_l14",
+}
+TEACHERS = ("synthetic", "clip", "dinov2", *_ARCHITECTURES)
+
+
 def load(name: str, weights_path: str | pathlib.Path | None = None) -> Teacher:
   """The teacher `name` (module docstring), weights read from local files only."""
+  if name not in TEACHERS:
+    raise ValueError(f"unknown teacher {name!r}; choose from {sorted(TEACHERS)}")
+  if weights_path is None:
+    what = "the synthetic world's dataroot" if name == "synthetic" else "a local checkpoint"
+    raise ValueError(f"teacher {name!r} needs weights_path: {what} (nothing is downloaded)")
   if name == "synthetic":
-    if weights_path is None:
-      raise ValueError("the synthetic teacher needs weights_path = the synthetic world's dataroot")
     return SyntheticTeacher(weights_path)
-  raise ValueError(f"unknown teacher {name!r}; choose from {sorted(TEACHERS)}")
-
-
-TEACHERS = ("synthetic",)
+  if not pathlib.Path(weights_path).exists():
+    raise FileNotFoundError(f"{weights_path}: teacher checkpoint not found")
+  return VitTeacher(name, weights_path)
