@@ -1,8 +1,9 @@
 r"""Entry point: `python -m reldistill_jax.main --config configs/<x>.py[:args] --workdir DIR`.
 
 Overrides: `--config.optimizer.lr=0.1`. The config's `kind` picks what runs:
-`pretrain` (reldistill_jax.train). A wrong field or value fails before any
-work, naming it.
+`pretrain` (reldistill_jax.train) or `finetune` (reldistill_jax.finetune: few-shot
+fine-tuning or linear probing, then evaluation on the validation scans). A wrong
+field or value fails before any work, naming it.
 """
 
 import jax
@@ -28,6 +29,11 @@ def main(argv):
 
     _require(config, "input.buckets", "input.features")
     train.train_and_evaluate(config, _WORKDIR.value)
+  elif config.kind == "finetune":
+    from reldistill_jax import finetune
+
+    _require(config, "input.buckets", "input.val_buckets")
+    finetune.finetune_and_evaluate(config, _WORKDIR.value)
   else:
     raise ValueError(f"config.kind: unknown kind {config.kind!r}")
 

@@ -58,19 +58,22 @@ def make_model(config: ml_collections.ConfigDict):
   )
 
 
+def weight_decay_mask(params):
+  """True for the parameters that decay: no weight decay on biases, norms and other vectors."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
   """Optimizer and learning-rate schedule of `config.optimizer` (PROTOCOLS.md section 6)."""
   opt = config.optimizer
   schedule = optax.warmup_cosine_decay_schedule(
     0.0, opt.lr, min(opt.warmup_steps, max(config.num_steps - 1, 1)), max(config.num_steps, 2)
   )
-  # No weight decay on biases, norms and other vectors.
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   if opt.name == "adamw":
-    core = optax.adamw(schedule, weight_decay=opt.weight_decay, mask=decay_mask)
+    core = optax.adamw(schedule, weight_decay=opt.weight_decay, mask=weight_decay_mask)
   elif opt.name == "sgd":
     core = optax.chain(
-      optax.add_decayed_weights(opt.weight_decay, mask=decay_mask),
+      optax.add_decayed_weights(opt.weight_decay, mask=weight_decay_mask),
       optax.sgd(schedule, momentum=opt.momentum),
     )
   else:
@@ -104,10 +107,6 @@ def open_data(config: ml_collections.ConfigDict, process_index: int, process_cou
   inp = config.input
   buckets = records.ShardedReader(inp.buckets, {"bucket_version": serialization.BUCKET_VERSION})
   store = feature_store.FeatureStore(inp.features, {"feature_dim": config.model.out_dim})
-  if inp.batch_size % process_count:
-    raise ValueError(
-      f"config.input.batch_size {inp.batch_size} is not divisible by {process_count} processes"
-    )
   transform = input_pipeline.Transform(
     buckets.config,
     inp.capacity,
@@ -117,7 +116,19 @@ def open_data(config: ml_collections.ConfigDict, process_index: int, process_cou
     augment=input_pipeline.Augment(inp.augment.rotate, inp.augment.flip, tuple(inp.augment.scale)),
   )
   ds = input_pipeline.dataset(buckets, store, transform, inp.batch_size, seed=config.seed)
-  # Each process reads every process_count-th global batch's own slice.
+  return process_batches(ds, config, process_index, process_count), buckets, store
+
+
+def process_batches(
+  ds: grain.MapDataset, config: ml_collections.ConfigDict, process_index: int, process_count: int
+) -> grain.IterDataset:
+  """This process's slice of every global batch of `ds`, read ahead by `config.input`'s threads."""
+  inp = config.input
+  if inp.batch_size % process_count:
+    raise ValueError(
+      f"config.input.batch_size {inp.batch_size} is not divisible by {process_count} processes"
+    )
+  # Each process reads every global batch's own slice.
   per_process = inp.batch_size // process_count
   ds = ds.map(
     lambda b: {
@@ -125,7 +136,16 @@ def open_data(config: ml_collections.ConfigDict, process_index: int, process_cou
     }
   )
   options = grain.ReadOptions(num_threads=inp.num_threads, prefetch_buffer_size=inp.prefetch)
-  return ds.to_iter_dataset(options), buckets, store
+  return ds.to_iter_dataset(options)
+
+
+def check_patch_size(config: ml_collections.ConfigDict, buckets: records.ShardedReader) -> None:
+  """Fails when the model's patch size is not the one the buckets were serialised for."""
+  if config.model.patch_size != buckets.config["patch_size"]:
+    raise ValueError(
+      f"config.model.patch_size {config.model.patch_size} differs from the buckets' "
+      f"{buckets.config['patch_size']} ({buckets.path})"
+    )
 
 
 def update_step(state, batch, *, model, tx, loss_fn, schedule):
@@ -151,7 +171,7 @@ def update_step(state, batch, *, model, tx, loss_fn, schedule):
   return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, measurements
 
 
-class _Stop:
+class StopRequest:
   """Set by SIGTERM: the loop saves a checkpoint and returns."""
 
   requested = False
@@ -180,11 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
   iterator_ds, buckets, _ = open_data(config, jax.process_index(), jax.process_count())
   iterator = iter(iterator_ds)
-  if config.model.patch_size != buckets.config["patch_size"]:
-    raise ValueError(
-      f"config.model.patch_size {config.model.patch_size} differs from the buckets' "
-      f"{buckets.config['patch_size']} ({buckets.path})"
-    )
+  check_patch_size(config, buckets)
 
   # Model and optimizer, shape first, then initialised already replicated.
   model = make_model(config)
@@ -209,10 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
 
   # Restore: the workdir's latest, else resume, else init_from (encoder only).
-  manager = ocp.CheckpointManager(
-    (workdir / "checkpoints").absolute(),
-    options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True),
-  )
+  manager = checkpoint_manager(workdir, config.checkpoint.keep)
   abstract_sharded = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
   )
@@ -222,8 +235,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Loop.
   writer = mw.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  previous = signal.signal(signal.SIGTERM, _Stop.handler)
-  _Stop.requested = False
+  previous = signal.signal(signal.SIGTERM, StopRequest.handler)
+  StopRequest.requested = False
   measurements, pending, t0 = {}, None, time.perf_counter()
   try:
     # Implicit host <-> device transfers fail loudly; the loop's are explicit.
@@ -234,10 +247,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, out = step_fn(state, input_pipeline.to_device(batch, data_sharding))
         # The previous step's loss is checked while this one runs.
         if pending is not None:
-          _check_finite(*pending)
+          check_finite(*pending)
         pending = (out, step + 1, tokens)
         if (step + 1) % config.log_every == 0 or step + 1 == config.num_steps:
-          _check_finite(*pending)
+          check_finite(*pending)
           measurements = {k: float(v) for k, v in jax.device_get(out).items()}
           elapsed = time.perf_counter() - t0
           measurements["step_time"] = elapsed / config.log_every
@@ -245,13 +258,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           writer.write(step + 1, measurements, config.num_steps)
           t0 = time.perf_counter()
         last = step + 1 == config.num_steps
-        if (step + 1) % config.checkpoint.every == 0 or last or _Stop.requested:
-          _save(manager, step + 1, state, iterator)
-        if _Stop.requested:
+        if (step + 1) % config.checkpoint.every == 0 or last or StopRequest.requested:
+          save_checkpoint(manager, step + 1, state, iterator)
+        if StopRequest.requested:
           logging.warning("SIGTERM: saved step %d, stopping", step + 1)
           break
     if pending is not None:
-      _check_finite(*pending)
+      check_finite(*pending)
   finally:
     signal.signal(signal.SIGTERM, previous)
     manager.wait_until_finished()
@@ -259,7 +272,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return {"state": state, "measurements": measurements, "model": model}
 
 
-def _save(manager, step: int, state, iterator) -> None:
+def checkpoint_manager(workdir: pathlib.Path, keep: int) -> ocp.CheckpointManager:
+  """The manager of `workdir/checkpoints`, keeping the last `keep` checkpoints."""
+  return ocp.CheckpointManager(
+    (workdir / "checkpoints").absolute(),
+    options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+  )
+
+
+def save_checkpoint(manager, step: int, state, iterator) -> None:
+  """Saves the train state and the grain iterator's position at `step`."""
   manager.save(
     step,
     args=ocp.args.Composite(
@@ -269,8 +291,9 @@ def _save(manager, step: int, state, iterator) -> None:
   )
 
 
-def _restore(manager, config, abstract_sharded, iterator, init, state_sharding):
-  """The state to start from (module docstring: restore order)."""
+def restore_checkpoint(manager, resume: str | None, abstract_sharded, iterator):
+  """The state (and iterator position) of the workdir's latest checkpoint, else of
+  the latest in the folder `resume`; None when there is neither."""
   args = lambda: ocp.args.Composite(
     state=ocp.args.StandardRestore(abstract_sharded),
     data=grain.checkpoint.CheckpointRestore(iterator),
@@ -278,13 +301,19 @@ def _restore(manager, config, abstract_sharded, iterator, init, state_sharding):
   if manager.latest_step() is not None:
     logging.info("resuming from %s step %d", manager.directory, manager.latest_step())
     return manager.restore(manager.latest_step(), args=args())["state"]
-  if config.checkpoint.resume:
-    other = ocp.CheckpointManager(pathlib.Path(config.checkpoint.resume).absolute())
+  if resume:
+    other = ocp.CheckpointManager(pathlib.Path(resume).absolute())
     if other.latest_step() is None:
-      raise FileNotFoundError(
-        f"config.checkpoint.resume: no checkpoint in {config.checkpoint.resume}"
-      )
+      raise FileNotFoundError(f"config.checkpoint.resume: no checkpoint in {resume}")
     return other.restore(other.latest_step(), args=args())["state"]
+  return None
+
+
+def _restore(manager, config, abstract_sharded, iterator, init, state_sharding):
+  """The state to start from (module docstring: restore order)."""
+  state = restore_checkpoint(manager, config.checkpoint.resume, abstract_sharded, iterator)
+  if state is not None:
+    return state
   state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(config.seed))
   if config.checkpoint.init_from:
     params = load_params(config.checkpoint.init_from)
@@ -302,7 +331,7 @@ def load_params(checkpoints: str | pathlib.Path):
   return restored["state"]["params"]
 
 
-def _check_finite(out, step: int, tokens) -> None:
+def check_finite(out, step: int, tokens) -> None:
   """Stops the run on a non-finite loss, naming the step and the batch's samples."""
   loss = float(jax.device_get(out["loss"]))
   if not np.isfinite(loss):

@@ -1,0 +1,330 @@
+"""Evaluation over every scan of a bucket store, scored on every original point.
+
+PROTOCOLS.md sections 4-5. Predictions are made per voxel on fixed-shape
+batches and mapped back to the scan's original points on the host through the
+bucket's `point_to_voxel` (a point whose voxel was dropped by the overflow
+policy gets prediction 0, a wrong answer); the counts of every scan go into one
+confusion matrix (`evaluators.segmentation`).
+
+  predict_voxels   a jitted `apply_fn(params, batch)` over every record, in
+                   order, with one static batch shape (the last batch is
+                   padded with copies, dropped on the host).
+  segmentation     mIoU of voxel class predictions, on every point.
+  zero_shot        the student's features against class text embeddings.
+  structural_gap   G and linear CKA between the student's pair features and
+                   the stored teacher features of the same pairs.
+
+Evaluation transforms never augment. Pairs (structural gap only) are sampled
+per scan with `np.random.default_rng((seed, index))`, so a result does not
+depend on the batch size or the device count.
+"""
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from reldistill_jax import feature_store, input_pipeline, pairs, records
+from reldistill_jax.evaluators import segmentation as segmentation_lib
+from reldistill_jax.evaluators import structural_gap as gap_lib
+from reldistill_jax.evaluators import zeroshot
+
+ApplyFn = Callable[[Any, Mapping[str, jax.Array]], Any]
+
+
+def _store_name(source) -> str:
+  """The folder of a bucket store (or of the store behind a joined source)."""
+  inner = getattr(source, "buckets", source)
+  return str(getattr(inner, "path", repr(source)))
+
+
+def _single_device_mesh() -> jax.sharding.Mesh:
+  return jax.make_mesh(
+    (1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1]
+  )
+
+
+def _batch_fn(batch_size: int):
+  """Stacks (record, example) pairs, padding the examples with copies of the last."""
+
+  def fn(items):
+    items = list(items)
+    examples = [example for _, example in items]
+    examples += [examples[-1]] * (batch_size - len(examples))
+    return [record for record, _ in items], input_pipeline.stack(examples)
+
+  return fn
+
+
+def predict_voxels(
+  apply_fn: ApplyFn,
+  params: Any,
+  buckets,
+  transform: input_pipeline.Transform,
+  batch_size: int,
+  mesh: jax.sharding.Mesh | None,
+  *,
+  seed: int = 0,
+  num_threads: int = 4,
+) -> Iterator[tuple[dict[str, Any], Any]]:
+  """Runs `apply_fn` over every record of a store, in order, one shape throughout.
+
+  Args:
+    apply_fn: `apply_fn(params, batch) -> out`, out a pytree of arrays with
+      the batch axis first, e.g. (B, C0) class predictions or (B, C0, D)
+      features; jitted here, sharded on the mesh's `data` axis.
+    params: the model parameters (replicated on the mesh).
+    buckets: a random-access source of bucket records (`records.ShardedReader`
+      or `input_pipeline.JoinedSource`).
+    transform: the evaluation transform (no augmentation); its `num_pairs`
+      pairs of scan i are drawn with `np.random.default_rng((seed, i))`.
+    batch_size: B, scans per device call (a multiple of the `data` axis).
+    mesh: a mesh with a `data` axis, or None for the first device.
+    seed: seed of the pair sampling.
+    num_threads: reader threads (decoding and transforms run ahead).
+
+  Yields:
+    (record, out): the bucket record as read (host numpy: `point_to_voxel`,
+    `point_labels`, `has_labels`, ...) and its rows of `out` as numpy, the
+    batch axis removed (e.g. (C0,) predictions), for every record in order.
+
+  Raises:
+    ValueError: an augmenting transform, or a batch size the mesh cannot split.
+  """
+  if transform.augment is not None:
+    raise ValueError("evaluation transforms must not augment (pass augment=None)")
+  mesh = mesh if mesh is not None else _single_device_mesh()
+  if batch_size < 1 or batch_size % mesh.shape["data"]:
+    raise ValueError(
+      f"evaluation batch size {batch_size} is not a positive multiple of the "
+      f"{mesh.shape['data']} devices of the data axis"
+    )
+  replicated = NamedSharding(mesh, P())
+  data_sharding = NamedSharding(mesh, P("data"))
+  fn = jax.jit(apply_fn, in_shardings=(replicated, data_sharding), out_shardings=replicated)
+  params = jax.device_put(params, replicated)
+
+  ds = grain.MapDataset.source(buckets).map_with_index(
+    lambda i, record: (record, transform(record, np.random.default_rng((seed, i))))
+  )
+  ds = ds.batch(batch_size, drop_remainder=False, batch_fn=_batch_fn(batch_size))
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)
+
+  def outputs(pending):
+    batch_records, out = pending
+    out = jax.device_get(out)
+    for i, record in enumerate(batch_records):  # padding rows are never read
+      yield record, jax.tree.map(lambda x, i=i: x[i], out)
+
+  pending = None
+  for batch_records, batch in ds.to_iter_dataset(options):
+    device_batch = {
+      k: jax.device_put(v, data_sharding)
+      for k, v in batch.items()
+      if k not in input_pipeline.HOST_KEYS
+    }
+    out = fn(params, device_batch)  # dispatched: runs while the host scores the previous batch
+    if pending is not None:
+      yield from outputs(pending)
+    pending = (batch_records, out)
+  if pending is not None:
+    yield from outputs(pending)
+
+
+def point_predictions(record: Mapping[str, Any], voxel_pred: np.ndarray) -> np.ndarray:
+  """(N,) prediction of every original point: its voxel's, 0 where the voxel was dropped."""
+  point_to_voxel = np.asarray(record["point_to_voxel"])
+  voxel_pred = np.asarray(voxel_pred)
+  return np.where(point_to_voxel >= 0, voxel_pred[np.maximum(point_to_voxel, 0)], 0)
+
+
+def segmentation(
+  apply_fn: ApplyFn,
+  params: Any,
+  buckets,
+  transform: input_pipeline.Transform,
+  batch_size: int,
+  mesh: jax.sharding.Mesh | None,
+  class_names: Sequence[str],
+  empty: str = "nan",
+) -> dict:
+  """Segmentation metrics of voxel predictions, on every point of every scan.
+
+  Args:
+    apply_fn: `apply_fn(params, batch) -> (B, C0)` int training ids 1..C
+      per voxel (values on padding slots are never read).
+    params: its parameters.
+    buckets: the bucket store of the split (every scan labelled).
+    transform: the evaluation transform (`predict_voxels`).
+    batch_size: scans per device call.
+    mesh: a mesh with a `data` axis, or None for one device.
+    class_names: names of training ids 1..C.
+    empty: the empty-class convention, "nan" or "one"
+      (`evaluators.segmentation`).
+
+  Returns:
+    `evaluators.segmentation.segmentation_metrics` of the split's confusion
+    matrix, plus "num_scans".
+
+  Raises:
+    ValueError: naming the store, for a scan without labels or an empty split.
+  """
+  num_classes = len(class_names)
+  confusion = np.zeros((num_classes + 1, num_classes + 1), np.int64)
+  num_scans = 0
+  for record, voxel_pred in predict_voxels(apply_fn, params, buckets, transform, batch_size, mesh):
+    if not record["has_labels"]:
+      raise ValueError(
+        f"{_store_name(buckets)}: scan {record['token']!r} has no labels; "
+        "segmentation is scored on labelled splits only"
+      )
+    point_pred = point_predictions(record, voxel_pred)
+    confusion += segmentation_lib.confusion_matrix(point_pred, record["point_labels"], num_classes)
+    num_scans += 1
+  if not num_scans:
+    raise ValueError(f"{_store_name(buckets)}: the split holds no scans to evaluate")
+  metrics = segmentation_lib.segmentation_metrics(confusion, class_names, empty)
+  return metrics | {"num_scans": num_scans}
+
+
+def zero_shot(
+  model,
+  params: Any,
+  buckets,
+  text_embeddings,
+  transform: input_pipeline.Transform,
+  batch_size: int,
+  mesh: jax.sharding.Mesh | None,
+  class_names: Sequence[str],
+  empty: str = "nan",
+) -> dict:
+  """Zero-shot segmentation: each voxel takes the class of the closest text embedding.
+
+  Args:
+    model: the student (`model.apply(params, batch) -> (features, aux)`).
+    params: its parameters.
+    buckets: the bucket store of the split.
+    text_embeddings: (C, D) class text embeddings, row c - 1 for training id c.
+    transform, batch_size, mesh, class_names, empty: as `segmentation`.
+
+  Returns:
+    The metrics of `segmentation`.
+  """
+  text = np.asarray(text_embeddings, np.float32)  # (C, D)
+  if text.shape[0] != len(class_names):
+    raise ValueError(f"{text.shape[0]} text embeddings for {len(class_names)} class names")
+
+  def apply_fn(params, batch):
+    features, _ = model.apply(params, batch)  # (B, C0, D)
+    return zeroshot.zero_shot_predict(features, jnp.asarray(text))  # (B, C0)
+
+  return segmentation(apply_fn, params, buckets, transform, batch_size, mesh, class_names, empty)
+
+
+class _PairSample:
+  """A uniform sample of at most `size` rows of a stream, without replacement.
+
+  Every row gets a uniform key (from the rng of its scan) and the `size`
+  smallest keys are kept, so memory stays O(size * D) while the result is the
+  sample a shuffle of the whole concatenation would give.
+  """
+
+  def __init__(self, size: int | None):
+    self.size = size
+    self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    self.count = 0
+
+  def add(self, keys: np.ndarray, k: np.ndarray, q: np.ndarray) -> None:
+    self.parts.append((keys, k, q))
+    self.count += len(keys)
+    if self.size is not None and self.count > 2 * self.size:
+      self.parts = [self._trimmed()]
+      self.count = len(self.parts[0][0])
+
+  def _trimmed(self):
+    if not self.parts:
+      return np.zeros(0), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    keys, k, q = (np.concatenate(x) for x in zip(*self.parts, strict=True))
+    if self.size is not None and len(keys) > self.size:
+      keep = np.sort(np.argpartition(keys, self.size - 1)[: self.size])
+      keys, k, q = keys[keep], k[keep], q[keep]
+    return keys, k, q
+
+  def result(self) -> tuple[np.ndarray, np.ndarray]:
+    _, k, q = self._trimmed()
+    return k, q
+
+
+def structural_gap(
+  model,
+  params: Any,
+  buckets: records.ShardedReader,
+  store: feature_store.FeatureStore,
+  transform: input_pipeline.Transform,
+  batch_size: int,
+  mesh: jax.sharding.Mesh | None,
+  max_pairs: int | None = None,
+  *,
+  seed: int = 0,
+) -> dict[str, Any]:
+  """G and linear CKA between the student and the teacher on held-out pairs.
+
+  Every scan contributes its (up to P) pairs: K is the student's feature of
+  the pair's voxel, Q the teacher map sampled at the pair's pixel
+  (`pairs.batch_pairs`, as in training).
+
+  Args:
+    model: the student.
+    params: its parameters.
+    buckets: the bucket store of the held-out split.
+    store: the teacher feature store of the same scans.
+    transform: an evaluation transform with `num_pairs` P > 0 and the store's
+      grid (P >= a scan's pair count takes all of them).
+    batch_size: scans per device call.
+    mesh: a mesh with a `data` axis, or None for one device.
+    max_pairs: a uniform sample of this many pairs of the whole split
+      (deterministic given `seed`), or None for all of them (host memory
+      O(N * D)).
+    seed: seed of the per-scan pair sampling and of the subsample.
+
+  Returns:
+    {"G": the structural gap, "cka": linear CKA of K and Q (rows normalised),
+     "pairs": N, the number of pairs used}.
+
+  Raises:
+    ValueError: a transform without pairs or on another grid, or no pairs.
+  """
+  if transform.num_pairs < 1:
+    raise ValueError("the structural gap needs a transform with num_pairs > 0")
+  grid = tuple(store.config["grid"])
+  if transform.grid is None or tuple(transform.grid) != grid:
+    raise ValueError(f"the transform's grid {transform.grid} is not the store's {grid}")
+  source = input_pipeline.JoinedSource(buckets, store)
+  input_pipeline.check_join(buckets, store)
+
+  def apply_fn(params, batch):
+    features, _ = model.apply(params, batch)  # (B, C0, D)
+    k = pairs.gather_voxels(features, batch["pairs_voxel"])  # (B, P, D)
+    q = pairs.sample_teacher(batch["teacher"], batch["pairs_camera"], batch["pairs_grid"])
+    return {"k": k, "q": q, "mask": batch["pairs_mask"]}
+
+  sample = _PairSample(max_pairs)
+  for index, (_, out) in enumerate(
+    predict_voxels(apply_fn, params, source, transform, batch_size, mesh, seed=seed)
+  ):
+    mask = out["mask"]
+    keys = np.random.default_rng((seed, index, 1)).random(int(mask.sum()))
+    sample.add(keys, out["k"][mask], out["q"][mask])
+  k, q = sample.result()  # (N, D) each
+  if len(k) < 2:
+    raise ValueError(f"{_store_name(buckets)}: {len(k)} pair(s); the gap needs at least 2")
+  return {
+    "G": gap_lib.structural_gap(k, q, mesh=mesh),
+    "cka": gap_lib.linear_cka(k, q),
+    "pairs": len(k),
+  }

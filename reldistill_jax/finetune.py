@@ -1,0 +1,456 @@
+"""Few-shot fine-tuning and linear probing of the pretrained student.
+
+PROTOCOLS.md section 5. A new linear head (Dense to the C classes) reads the
+student's `aux["backbone"]` (the decoder output before its projection head);
+the loss is cross-entropy plus the Lovasz-softmax loss on the labelled voxels
+of the batch; SGD with momentum, weight decay and a cosine schedule, with one
+learning rate for the head and another for the encoder (SLidR's 1% recipe:
+2.0 and 0.02). `mode="linear"` freezes the encoder entirely: its updates are
+zero (`optax.set_to_zero`) and no gradient is taken through it; LayerNorm has
+no running statistics, so nothing else needs freezing. After
+`config.num_epochs` epochs of the training subset the model is scored on every
+point of the validation store (`evaluate.segmentation`).
+
+Read top to bottom like `train.py` (whose mesh, data, checkpoint and health
+helpers it shares): mesh -> data -> model and optimizer (shape first, then
+initialised replicated) -> update step -> restore -> loop -> evaluation.
+
+The train state is a plain pytree {"params": {"encoder": the student's
+variables, "head": the head's}, "opt_state", "step"}; checkpoints also hold
+the grain iterator state. Restore order: the workdir's latest checkpoint, else
+`config.checkpoint.resume`, else a fresh state whose encoder is the student of
+`config.checkpoint.init_from` (a pretraining checkpoint folder) or, unset, a
+random one (the "from scratch" baseline).
+"""
+
+import functools
+import pathlib
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from reldistill_jax import evaluate, input_pipeline, records, report, serialization, train
+from reldistill_jax import metrics_writer as mw
+
+MODES = ("finetune", "linear")
+
+
+# ----------------------------------------------------------------------------
+# Loss.
+# ----------------------------------------------------------------------------
+
+
+def lovasz_grad(fg_sorted: jax.Array, valid_sorted: jax.Array) -> jax.Array:
+  """Gradient of the Lovasz extension of the Jaccard loss at sorted errors.
+
+  With the errors of one class sorted in decreasing order, the Lovasz
+  extension is sum_i e_(i) (J(i) - J(i - 1)), J(i) = 1 - |F \\ E_i| / |F u E_i|
+  the Jaccard loss of the set E_i of the i largest errors and F the
+  foreground; the increments come from cumulative sums of the sorted
+  foreground indicator (Berman et al. 2018, Alg. 1).
+
+  Args:
+    fg_sorted: (N, C) int32 foreground indicator (1 where the voxel is of the
+      class), each column in the order of decreasing error.
+    valid_sorted: (N, C) int32 validity in the same order; invalid rows sort
+      last and leave every cumulative sum unchanged.
+
+  Returns:
+    (N, C) float32 increments J(i) - J(i - 1); zero on invalid rows.
+  """
+  gts = jnp.sum(fg_sorted, axis=0)  # (C,) foreground size
+  intersection = gts - jnp.cumsum(fg_sorted, axis=0)  # foreground not yet among the errors
+  union = gts + jnp.cumsum((1 - fg_sorted) * valid_sorted, axis=0)
+  # union >= 1 wherever it is used (a present class, or a valid row).
+  jaccard = 1.0 - intersection.astype(jnp.float32) / jnp.maximum(union, 1).astype(jnp.float32)
+  increments = jnp.concatenate([jaccard[:1], jnp.diff(jaccard, axis=0)], axis=0)
+  return increments * valid_sorted
+
+
+def lovasz_softmax(probs: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+  """The Lovasz-softmax loss, averaged over the classes present (Berman et al. 2018).
+
+  Per class c, the errors |[y_i = c] - p_ic| of the valid rows are sorted in
+  decreasing order and dotted with `lovasz_grad` of the sorted foreground,
+  which is held constant (the reference's subgradient). Classes without a
+  valid row of their own are left out of the mean, as the reference's
+  `classes="present"`; with no valid row at all the loss is 0.
+
+  Args:
+    probs: (N, C) class probabilities.
+    labels: (N,) int class index 0..C-1 of every row (any value where masked).
+    mask: (N,) bool, the rows that count (labelled voxels).
+
+  Returns:
+    The scalar loss in [0, 1].
+  """
+  n, c = probs.shape
+  valid = mask.astype(jnp.int32)[:, None]  # (N, 1)
+  fg = (labels[:, None] == jnp.arange(c)[None, :]).astype(jnp.int32) * valid  # (N, C)
+  probs = probs.astype(jnp.float32)
+  errors = jnp.where(fg > 0, 1.0 - probs, probs)  # (N, C), in [0, 1]
+  # Masked rows sort after every valid one; the permutation carries no gradient.
+  keys = jax.lax.stop_gradient(jnp.where(valid > 0, errors, -1.0))
+  order = jnp.argsort(keys, axis=0, descending=True)  # (N, C)
+  errors_sorted = jnp.take_along_axis(errors, order, axis=0)
+  fg_sorted = jnp.take_along_axis(fg, order, axis=0)
+  valid_sorted = jnp.take_along_axis(jnp.broadcast_to(valid, (n, c)), order, axis=0)
+  per_class = jnp.sum(errors_sorted * lovasz_grad(fg_sorted, valid_sorted), axis=0)  # (C,)
+  present = jnp.sum(fg, axis=0) > 0
+  return jnp.sum(jnp.where(present, per_class, 0.0)) / jnp.maximum(jnp.sum(present), 1)
+
+
+def segmentation_loss(
+  logits: jax.Array, labels: jax.Array, lovasz_weight: float = 1.0
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Cross-entropy + Lovasz-softmax over the labelled voxels of a batch.
+
+  Args:
+    logits: (B, C0, C) class scores; column c - 1 is training id c.
+    labels: (B, C0) training ids, 0 = ignore (and padding).
+    lovasz_weight: weight of the Lovasz term.
+
+  Returns:
+    (loss, parts): parts {"ce", "lovasz", "accuracy", "voxels"} over the
+    labelled voxels (the batch is one set, as the reference's per_image=False).
+  """
+  c = logits.shape[-1]
+  logits = logits.reshape(-1, c).astype(jnp.float32)  # (B * C0, C)
+  labels = labels.reshape(-1)
+  mask = labels > 0
+  target = jnp.maximum(labels - 1, 0)
+  count = jnp.sum(mask)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, target)
+  ce = jnp.sum(jnp.where(mask, ce, 0.0)) / jnp.maximum(count, 1)
+  lovasz = lovasz_softmax(jax.nn.softmax(logits), target, mask)
+  correct = jnp.sum((jnp.argmax(logits, -1) == target) & mask)
+  parts = {
+    "ce": ce,
+    "lovasz": lovasz,
+    "accuracy": correct / jnp.maximum(count, 1),
+    "voxels": count,
+  }
+  return ce + lovasz_weight * lovasz, parts
+
+
+# ----------------------------------------------------------------------------
+# Model and optimizer.
+# ----------------------------------------------------------------------------
+
+
+def make_head(config: ml_collections.ConfigDict) -> nn.Module:
+  """The new linear head: Dense from the backbone channels to the C classes (float32)."""
+  return nn.Dense(config.num_classes, name="head")
+
+
+def init_params(encoder: nn.Module, head: nn.Module, example: dict, rng: jax.Array) -> dict:
+  """{"encoder": the student's variables, "head": the head's}, both at random."""
+  encoder_rng, head_rng = jax.random.split(rng)
+  encoder_params = encoder.init(encoder_rng, example)
+  backbone = jax.eval_shape(lambda p: encoder.apply(p, example)[1]["backbone"], encoder_params)
+  head_params = head.init(head_rng, jnp.zeros(backbone.shape, backbone.dtype))
+  return {"encoder": encoder_params, "head": head_params}
+
+
+def logits_fn(encoder: nn.Module, head: nn.Module, params: dict, batch, frozen: bool = False):
+  """(B, C0, C) float32 class scores of a batch; `frozen` stops gradients into the encoder."""
+  encoder_params = jax.lax.stop_gradient(params["encoder"]) if frozen else params["encoder"]
+  _, aux = encoder.apply(encoder_params, batch)
+  return head.apply(params["head"], aux["backbone"])  # (B, C0, backbone) -> (B, C0, C)
+
+
+def _labels(params: dict) -> dict:
+  """The label tree of `optax.multi_transform`: "encoder" or "head" for every leaf."""
+  return {part: jax.tree.map(lambda _, part=part: part, tree) for part, tree in params.items()}
+
+
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
+  """SGD with momentum, weight decay and cosine decay, one learning rate per part.
+
+  Returns:
+    (tx, schedules): the transform over {"encoder", "head"} parameters, and
+    {"head": schedule, "encoder": schedule} (the encoder's is 0 for a linear
+    probe, whose encoder updates are exactly zero).
+  """
+  opt = config.optimizer
+
+  def sgd(lr):
+    schedule = optax.cosine_decay_schedule(lr, max(num_steps, 1))
+    tx = optax.chain(
+      optax.add_decayed_weights(opt.weight_decay, mask=train.weight_decay_mask),
+      optax.sgd(schedule, momentum=opt.momentum),
+    )
+    return tx, schedule
+
+  head_tx, head_schedule = sgd(opt.head_lr)
+  if config.mode == "linear":
+    encoder_tx, encoder_schedule = optax.set_to_zero(), optax.constant_schedule(0.0)
+  else:
+    encoder_tx, encoder_schedule = sgd(opt.encoder_lr)
+  tx = optax.multi_transform({"encoder": encoder_tx, "head": head_tx}, _labels)
+  if opt.clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(opt.clip_norm), tx)
+  return tx, {"head": head_schedule, "encoder": encoder_schedule}
+
+
+def update_step(state, batch, *, encoder, head, tx, schedules, frozen, lovasz_weight):
+  """One optimizer step; returns the new state and its measurements."""
+
+  def objective(params):
+    logits = logits_fn(encoder, head, params, batch, frozen)
+    return segmentation_loss(logits, batch["labels"], lovasz_weight)
+
+  (loss, parts), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  measurements = {
+    "loss": loss,
+    "loss/ce": parts["ce"],
+    "loss/lovasz": parts["lovasz"],
+    "train_accuracy": parts["accuracy"],
+    "labelled_voxels": parts["voxels"],
+    "grad_norm": optax.global_norm(grads),
+    "param_norm": optax.global_norm(params),
+    "update_norm": optax.global_norm(updates),
+    "head_update_norm": optax.global_norm(updates["head"]),
+    "learning_rate": schedules["head"](state["step"]),
+    "learning_rate/encoder": schedules["encoder"](state["step"]),
+  }
+  return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, measurements
+
+
+def load_encoder(checkpoints: str | pathlib.Path, abstract_encoder, sharding):
+  """The pretrained student of a checkpoint folder, checked against the config's.
+
+  Raises:
+    ValueError: the checkpoint's parameters differ in names or shapes (another
+      `config.model` variant, `out_dim`, ...).
+  """
+  flat = lambda tree: {
+    jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
+  loaded, wanted = flat(train.load_params(checkpoints)), flat(abstract_encoder)
+  differ = sorted(set(loaded) ^ set(wanted))
+  differ += [k for k in wanted if k in loaded and tuple(loaded[k].shape) != wanted[k].shape]
+  if differ:
+    raise ValueError(
+      f"config.checkpoint.init_from: the student in {checkpoints} does not match config.model "
+      f"(variant, out_dim, ...): {len(differ)} parameters differ, e.g. {differ[:3]}"
+    )
+  leaves = [jnp.asarray(loaded[k], wanted[k].dtype) for k in wanted]
+  return jax.device_put(jax.tree.unflatten(jax.tree.structure(abstract_encoder), leaves), sharding)
+
+
+def _steps(config: ml_collections.ConfigDict, num_scans: int) -> int:
+  """`config.num_epochs` passes over the training subset, in steps (at least 1)."""
+  return max(1, config.num_epochs * num_scans // config.input.batch_size)
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------
+
+
+def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Fine-tunes (or linearly probes) the student of `config` in `workdir` and scores it.
+
+  Returns:
+    {"state", "measurements" (the last logged), "history" (every logged
+    step), "num_steps", "metrics": `evaluate.segmentation` on the validation
+    store (None when SIGTERM stopped the run early)}. The metrics are also
+    logged and written to `workdir/metrics.json` and `workdir/report.md`.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if config.mode not in MODES:
+    raise ValueError(f"config.mode: unknown mode {config.mode!r}; choose from {MODES}")
+  class_names = tuple(config.class_names)
+  if len(class_names) != config.num_classes:
+    raise ValueError(
+      f"config.num_classes {config.num_classes} but {len(class_names)} config.class_names"
+    )
+
+  # Mesh.
+  mesh = train.make_mesh(config)
+  replicated = NamedSharding(mesh, P())
+  data_sharding = NamedSharding(mesh, P("data"))
+  inp = config.input
+  for field, size in (
+    ("input.batch_size", inp.batch_size),
+    ("eval.batch_size", config.eval.batch_size),
+  ):
+    if size % mesh.shape["data"]:
+      raise ValueError(
+        f"config.{field} {size} is not divisible by the {mesh.shape['data']} devices of the "
+        "data axis"
+      )
+
+  # Data: the labelled training subset (named by its builder split, so a store
+  # of another subset is refused), shuffled and augmented every epoch.
+  version = {"bucket_version": serialization.BUCKET_VERSION}
+  buckets = records.ShardedReader(inp.buckets, version | {"split": inp.split})
+  val_buckets = records.ShardedReader(inp.val_buckets, version | {"split": inp.val_split})
+  for store in (buckets, val_buckets):
+    train.check_patch_size(config, store)
+  augment = input_pipeline.Augment(inp.augment.rotate, inp.augment.flip, tuple(inp.augment.scale))
+  transform = input_pipeline.Transform(
+    buckets.config, inp.capacity, 0, inp.intensity_scale, augment=augment
+  )
+  ds = input_pipeline.dataset(buckets, None, transform, inp.batch_size, seed=config.seed)
+  iterator = iter(train.process_batches(ds, config, jax.process_index(), jax.process_count()))
+  num_steps = _steps(config, len(buckets))
+
+  # Model and optimizer, shape first, then initialised already replicated.
+  encoder = train.make_model(config)
+  head = make_head(config)
+  frozen = config.mode == "linear"
+  tx, schedules = make_optimizer(config, num_steps)
+  example = input_pipeline.Transform(buckets.config, inp.capacity, 0, inp.intensity_scale)(
+    buckets[0]
+  )
+  example = {k: v[None] for k, v in example.items() if k not in input_pipeline.HOST_KEYS}
+
+  def init(rng):
+    params = init_params(encoder, head, example, rng)
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  abstract = jax.eval_shape(init, jax.random.key(config.seed))
+  state_sharding = jax.tree.map(lambda _: replicated, abstract)
+  step_fn = jax.jit(
+    functools.partial(
+      update_step,
+      encoder=encoder,
+      head=head,
+      tx=tx,
+      schedules=schedules,
+      frozen=frozen,
+      lovasz_weight=config.loss.lovasz_weight,
+    ),
+    in_shardings=(state_sharding, data_sharding),
+    out_shardings=(state_sharding, replicated),
+    donate_argnums=(0,),
+  )
+
+  # Restore: the workdir's latest, else resume, else a fresh head on the
+  # init_from encoder (or a random one).
+  manager = train.checkpoint_manager(workdir, config.checkpoint.keep)
+  abstract_sharded = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
+  )
+  state = train.restore_checkpoint(manager, config.checkpoint.resume, abstract_sharded, iterator)
+  if state is None:
+    state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(config.seed))
+    if config.checkpoint.init_from:
+      state["params"]["encoder"] = load_encoder(
+        config.checkpoint.init_from,
+        abstract["params"]["encoder"],
+        state_sharding["params"]["encoder"],
+      )
+  start = int(state["step"])
+  logging.info(
+    "%s: steps %d to %d (%d epochs of %d scans, subset %s) on %s; encoder from %s",
+    config.mode,
+    start,
+    num_steps,
+    config.num_epochs,
+    len(buckets),
+    config.subset,
+    mesh,
+    config.checkpoint.init_from or "random init",
+  )
+
+  # Loop.
+  writer = mw.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  previous = signal.signal(signal.SIGTERM, train.StopRequest.handler)
+  train.StopRequest.requested = False
+  measurements, pending, t0 = {}, None, time.perf_counter()
+  try:
+    # Implicit host <-> device transfers fail loudly; the loop's are explicit.
+    with jax.transfer_guard("disallow"):
+      for step in range(start, num_steps):
+        batch = next(iterator)
+        tokens = batch["token"]
+        state, out = step_fn(state, input_pipeline.to_device(batch, data_sharding))
+        # The previous step's loss is checked while this one runs.
+        if pending is not None:
+          train.check_finite(*pending)
+        pending = (out, step + 1, tokens)
+        if (step + 1) % config.log_every == 0 or step + 1 == num_steps:
+          train.check_finite(*pending)
+          measurements = {k: float(v) for k, v in jax.device_get(out).items()}
+          measurements["step_time"] = (time.perf_counter() - t0) / config.log_every
+          writer.write(step + 1, measurements, num_steps)
+          t0 = time.perf_counter()
+        last = step + 1 == num_steps
+        if (step + 1) % config.checkpoint.every == 0 or last or train.StopRequest.requested:
+          train.save_checkpoint(manager, step + 1, state, iterator)
+        if train.StopRequest.requested:
+          logging.warning("SIGTERM: saved step %d, stopping", step + 1)
+          break
+    if pending is not None:
+      train.check_finite(*pending)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    manager.wait_until_finished()
+    writer.close()
+  result = {
+    "state": state,
+    "measurements": measurements,
+    "history": writer.history,
+    "num_steps": num_steps,
+    "metrics": None,
+  }
+  if train.StopRequest.requested:
+    return result
+
+  # Evaluation on every point of the validation store.
+  def predict(params, batch):
+    logits = logits_fn(encoder, head, params, batch)
+    return (jnp.argmax(logits, axis=-1) + 1).astype(jnp.int32)  # (B, C0) ids 1..C
+
+  eval_transform = input_pipeline.Transform(
+    val_buckets.config, inp.capacity, 0, inp.intensity_scale
+  )
+  metrics = evaluate.segmentation(
+    predict,
+    state["params"],
+    val_buckets,
+    eval_transform,
+    config.eval.batch_size,
+    mesh,
+    class_names,
+    config.eval.empty,
+  )
+  name = "fewshot" if config.mode == "finetune" else "linear_probe"
+  logging.info(
+    "%s on %s: mIoU %.4f (%s), accuracy %.4f over %d points of %d scans",
+    name,
+    val_buckets.path,
+    metrics["miou"],
+    metrics["empty_class_convention"],
+    metrics["accuracy"],
+    metrics["num_points"],
+    metrics["num_scans"],
+  )
+  if jax.process_index() == 0:
+    summary = {
+      name: metrics,
+      "subset": config.subset,
+      "label_fraction": config.label_fraction,
+      "mode": config.mode,
+      "init_from": config.checkpoint.init_from or "random init",
+      "num_steps": num_steps,
+      "train_scans": len(buckets),
+      "final_train_loss": measurements.get("loss", float("nan")),
+    }
+    report.write_report(workdir, summary, history=writer.history, title=f"{name} ({config.subset})")
+  return result | {"metrics": metrics}

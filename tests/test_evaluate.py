@@ -1,0 +1,230 @@
+"""Evaluation over bucket stores: every point, padding, zero-shot, structural gap."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from reldistill_jax import (
+  classes,
+  evaluate,
+  feature_store,
+  input_pipeline,
+  pairs,
+  records,
+  teachers,
+)
+from reldistill_jax.models import point_encoder
+
+C = len(classes.NUSCENES_CLASSES)
+CAPACITY = 8192  # the small buckets' largest capacity
+
+
+@pytest.fixture(scope="module")
+def buckets(small_training_data):
+  return records.ShardedReader(str(small_training_data["buckets"]))
+
+
+@pytest.fixture(scope="module")
+def one_device():
+  return jax.make_mesh(
+    (1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1]
+  )
+
+
+@pytest.fixture(scope="module")
+def student(buckets):
+  model = point_encoder.Model(variant="tiny", out_dim=512, patch_size=128)
+  example = _example(_transform(buckets), buckets[0], 0)
+  return model, model.init(jax.random.key(0), example)
+
+
+def _transform(buckets, num_pairs=0, grid=None):
+  return input_pipeline.Transform(buckets.config, CAPACITY, num_pairs, 1 / 255, grid=grid)
+
+
+def _example(transform, record, index):
+  """The batch of one scan, with the pair sample `predict_voxels` documents."""
+  example = transform(record, np.random.default_rng((0, index)))
+  return {k: v[None] for k, v in example.items() if k not in input_pipeline.HOST_KEYS}
+
+
+class _Edited:
+  """A bucket source whose records pass through `edit` (and may be cut to `size`)."""
+
+  def __init__(self, reader, edit=lambda r: r, size=None):
+    self.reader, self.edit, self.path = reader, edit, reader.path
+    self.size = len(reader) if size is None else size
+
+  def __len__(self):
+    return self.size
+
+  def __getitem__(self, index):
+    return self.edit(dict(self.reader[index]))
+
+
+def _shifted(params, batch):
+  """Each voxel's own label moved `shift` classes on (unlabelled voxels: class 1)."""
+  labels = batch["labels"]  # (B, C0)
+  return jnp.where(labels > 0, (labels - 1 + params["shift"]) % C + 1, 1)
+
+
+def _drop_some(record):
+  record["point_to_voxel"] = record["point_to_voxel"].copy()
+  record["point_to_voxel"][::7] = -1  # as the overflow policy marks dropped voxels
+  return record
+
+
+def _direct_metrics(source, voxel_pred_fn):
+  """mIoU and accuracy of point predictions, computed straight from the records."""
+  preds, labels = [], []
+  for i in range(len(source)):
+    record = source[i]
+    voxel_pred = voxel_pred_fn(record, i)
+    p2v = record["point_to_voxel"]
+    preds.append(np.array([voxel_pred[v] if v >= 0 else 0 for v in p2v]))
+    labels.append(record["point_labels"].astype(np.int64))
+  pred, label = np.concatenate(preds), np.concatenate(labels)
+  pred, label = pred[label > 0], label[label > 0]
+  iou = {}
+  for c in range(1, C + 1):
+    tp = np.sum((pred == c) & (label == c))
+    union = np.sum((pred == c) | (label == c))
+    iou[classes.NUSCENES_CLASSES[c - 1]] = tp / union if union else np.nan
+  values = np.array(list(iou.values()))
+  return {
+    "miou": float(np.nanmean(values)),
+    "per_class_iou": iou,
+    "accuracy": float(np.mean(pred == label)),
+    "num_points": len(label),
+    "num_unpredicted": int(np.sum(pred == 0)),
+  }
+
+
+def _check(metrics, expected):
+  assert metrics["miou"] == pytest.approx(expected["miou"], rel=1e-12)
+  assert metrics["accuracy"] == pytest.approx(expected["accuracy"], rel=1e-12)
+  assert metrics["num_points"] == expected["num_points"]
+  assert metrics["num_unpredicted"] == expected["num_unpredicted"]
+  np.testing.assert_allclose(
+    list(metrics["per_class_iou"].values()), list(expected["per_class_iou"].values())
+  )
+
+
+def test_segmentation_on_every_point_for_any_batch_size(buckets, one_device, mesh):
+  transform = _transform(buckets)
+  source = _Edited(buckets, _drop_some)
+  results = {}
+  for shift in (0, 1):
+    params = {"shift": jnp.int32(shift)}
+    expected = _direct_metrics(
+      source,
+      lambda r, _, s=shift: np.where(r["labels"] > 0, (r["labels"].astype(int) - 1 + s) % C + 1, 1),
+    )
+    assert expected["num_unpredicted"] > 0
+    # 4 scans: batches of 1, of 3 (the last padded with 2 copies), of 8 on 8 devices.
+    for batch_size, m in ((1, one_device), (3, one_device), (8, mesh)):
+      metrics = evaluate.segmentation(
+        _shifted, params, source, transform, batch_size, m, classes.NUSCENES_CLASSES
+      )
+      _check(metrics, expected)
+      assert metrics["num_scans"] == len(buckets)
+      assert metrics["empty_class_convention"] == "nan"
+      results[(shift, batch_size)] = metrics
+  # The voxels' own labels beat every one moved a class on.
+  assert results[(0, 1)]["miou"] > 0.5 > results[(1, 1)]["miou"]
+
+
+def test_segmentation_refuses_unlabelled_scans_and_empty_splits(buckets, one_device, mesh):
+  transform = _transform(buckets)
+  params = {"shift": jnp.int32(0)}
+  names = classes.NUSCENES_CLASSES
+  unlabelled = _Edited(buckets, lambda r: r | {"has_labels": False})
+  with pytest.raises(ValueError, match=f"{buckets.path}.*no labels"):
+    evaluate.segmentation(_shifted, params, unlabelled, transform, 2, one_device, names)
+  empty = _Edited(buckets, size=0)
+  with pytest.raises(ValueError, match=f"{buckets.path}.*no scans"):
+    evaluate.segmentation(_shifted, params, empty, transform, 2, one_device, names)
+  with pytest.raises(ValueError, match="multiple of the 8 devices"):
+    evaluate.segmentation(_shifted, params, buckets, transform, 3, mesh, names)
+
+
+def test_zero_shot_with_the_teachers_prototypes(buckets, student, pipeline, one_device):
+  model, params = student
+  text = teachers.load("synthetic", pipeline["world"]).text_embedding(classes.NUSCENES_CLASSES)
+  transform = _transform(buckets)
+  metrics = evaluate.zero_shot(
+    model, params, buckets, text, transform, 2, one_device, classes.NUSCENES_CLASSES
+  )
+  assert np.isfinite(metrics["miou"]) and 0.0 <= metrics["miou"] <= 1.0
+  assert metrics["num_unpredicted"] == 0
+
+  apply = jax.jit(lambda p, b: model.apply(p, b)[0])
+  unit = text / np.linalg.norm(text, axis=-1, keepdims=True)
+
+  def voxel_pred(record, index):
+    features = np.asarray(apply(params, _example(transform, record, index)))[0]  # (C0, D)
+    return np.argmax(features @ unit.T, axis=-1) + 1
+
+  expected = _direct_metrics(buckets, voxel_pred)
+  # Batched and single-scan features may differ in the last bits: allow a few near-ties.
+  assert metrics["miou"] == pytest.approx(expected["miou"], abs=1e-3)
+  assert metrics["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-3)
+  assert metrics["num_points"] == expected["num_points"]
+
+
+def _numpy_gap_and_cka(k, q):
+  k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+  q = q / np.linalg.norm(q, axis=-1, keepdims=True)
+  n = len(k)
+  diff = np.abs(k @ k.T - q @ q.T)
+  gap = (diff.sum() - np.trace(diff)) / (n * n - n)
+  h = np.eye(n) - 1.0 / n
+  gk, gq = h @ k @ k.T @ h, h @ q @ q.T @ h
+  cka = np.sum(gk * gq) / (np.linalg.norm(gk) * np.linalg.norm(gq))
+  return gap, cka
+
+
+def test_structural_gap_equals_a_direct_computation(
+  buckets, student, small_training_data, one_device
+):
+  model, params = student
+  store = feature_store.FeatureStore(str(small_training_data["features"]))
+  transform = _transform(buckets, num_pairs=64, grid=tuple(store.config["grid"]))
+  apply = jax.jit(lambda p, b: pairs.batch_pairs(model.apply(p, b)[0], b))
+  ks, qs, keys = [], [], []
+  for i in range(len(buckets)):
+    record = buckets[i] | {"teacher": store.get(buckets[i]["token"])["features"]}
+    k, q, mask = (np.asarray(x) for x in apply(params, _example(transform, record, i)))
+    ks.append(k[mask].astype(np.float64))
+    qs.append(q[mask].astype(np.float64))
+    keys.append(np.random.default_rng((0, i, 1)).random(int(mask.sum())))
+  k, q, keys = np.concatenate(ks), np.concatenate(qs), np.concatenate(keys)
+  assert len(k) == 64 * len(buckets)  # every scan has more than 64 pairs
+
+  result = evaluate.structural_gap(model, params, buckets, store, transform, 3, one_device)
+  gap, cka = _numpy_gap_and_cka(k, q)
+  assert result["pairs"] == len(k)
+  assert result["G"] == pytest.approx(gap, rel=1e-4)
+  assert result["cka"] == pytest.approx(cka, rel=1e-4)
+
+  # A subsample: the pairs with the 100 smallest keys of their scans' rngs.
+  result = evaluate.structural_gap(
+    model, params, buckets, store, transform, 3, one_device, max_pairs=100
+  )
+  keep = np.sort(np.argsort(keys)[:100])
+  gap, cka = _numpy_gap_and_cka(k[keep], q[keep])
+  assert result["pairs"] == 100
+  assert result["G"] == pytest.approx(gap, rel=1e-4)
+  assert result["cka"] == pytest.approx(cka, rel=1e-4)
+
+
+def test_structural_gap_needs_pairs_on_the_stores_grid(buckets, student, small_training_data):
+  model, params = student
+  store = feature_store.FeatureStore(str(small_training_data["features"]))
+  with pytest.raises(ValueError, match="num_pairs"):
+    evaluate.structural_gap(model, params, buckets, store, _transform(buckets), 1, None)
+  with pytest.raises(ValueError, match="grid"):
+    evaluate.structural_gap(
+      model, params, buckets, store, _transform(buckets, 8, grid=(3, 3)), 1, None
+    )
