@@ -34,6 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.kind = "pretrain"
   config.seed = 0
+  # The feature store must have been written by this teacher (its manifest is checked).
+  config.teacher = args["teacher"]
 
   # Input.
   config.input = ml_collections.ConfigDict()

@@ -162,6 +162,12 @@ class JoinedSource:
 
 def check_join(buckets: records.ShardedReader, store: feature_store.FeatureStore) -> None:
   """Fails before training when the two stores do not cover the same samples."""
+  for key in ("builder", "split"):
+    if buckets.config.get(key) != store.config.get(key):
+      raise ValueError(
+        f"{buckets.path} holds {key} {buckets.config.get(key)!r} but the feature store "
+        f"{store.path} was written for {store.config.get(key)!r}"
+      )
   missing = sorted(set(buckets.tokens) - set(store.tokens))
   if missing:
     raise KeyError(

@@ -34,6 +34,10 @@ def main(argv):
 
     _require(config, "input.buckets", "input.val_buckets")
     finetune.finetune_and_evaluate(config, _WORKDIR.value)
+  elif config.kind == "default":
+    from reldistill_jax import pipeline
+
+    pipeline.run_default(config, _WORKDIR.value)
   else:
     raise ValueError(f"config.kind: unknown kind {config.kind!r}")
 

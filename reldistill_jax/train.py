@@ -106,7 +106,9 @@ def open_data(config: ml_collections.ConfigDict, process_index: int, process_cou
   """The training dataset of this process and the stores behind it."""
   inp = config.input
   buckets = records.ShardedReader(inp.buckets, {"bucket_version": serialization.BUCKET_VERSION})
-  store = feature_store.FeatureStore(inp.features, {"feature_dim": config.model.out_dim})
+  store = feature_store.FeatureStore(
+    inp.features, {"teacher": config.teacher, "feature_dim": config.model.out_dim}
+  )
   transform = input_pipeline.Transform(
     buckets.config,
     inp.capacity,
@@ -162,9 +164,9 @@ def update_step(state, batch, *, model, tx, loss_fn, schedule):
   params = optax.apply_updates(state["params"], updates)
   measurements = {
     **{f"loss/{k}" if k != "loss" else "loss": v for k, v in parts.items()},
-    "grad_norm": optax.global_norm(grads),
-    "param_norm": optax.global_norm(params),
-    "update_norm": optax.global_norm(updates),
+    "grad_norm": optax.tree.norm(grads),
+    "param_norm": optax.tree.norm(params),
+    "update_norm": optax.tree.norm(updates),
     "learning_rate": schedule(state["step"]),
     "pairs": num_pairs,
   }
@@ -269,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     signal.signal(signal.SIGTERM, previous)
     manager.wait_until_finished()
     writer.close()
-  return {"state": state, "measurements": measurements, "model": model}
+  return {"state": state, "measurements": measurements, "model": model, "history": writer.history}
 
 
 def checkpoint_manager(workdir: pathlib.Path, keep: int) -> ocp.CheckpointManager:

@@ -10,9 +10,12 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import SYNTHETIC_BUILDER
 
 from configs import pretrain
-from reldistill_jax import train
+from data_prep import teacher_features
+from data_prep.builders import data_source
+from reldistill_jax import records, teachers, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ARG = "loss=relational,teacher=synthetic,dataset=synthetic,runlocal"
@@ -103,3 +106,20 @@ def test_config_errors_name_the_field():
     pretrain.get_config("loss=hinge")
   with pytest.raises(ValueError, match="unknown config argument 'lr'"):
     pretrain.get_config("lr=3")
+
+
+def test_bad_inputs_fail_before_training(small_training_data, pipeline, tmp_path):
+  # A feature store written by another teacher.
+  config = _config(small_training_data)
+  config.teacher = "clip_vitb16"
+  with pytest.raises(records.ConfigMismatchError, match="teacher"):
+    train.train_and_evaluate(config, tmp_path / "a")
+  # A feature store of another builder split than the buckets'.
+  teacher = teachers.load("synthetic", pipeline["world"])
+  source = data_source(pipeline["tfds"], SYNTHETIC_BUILDER, "val")
+  teacher_features.write_store(teacher, source, str(tmp_path / "val"), SYNTHETIC_BUILDER, "val")
+  config = _config(small_training_data)
+  config.input.features = str(tmp_path / "val")
+  with pytest.raises(ValueError, match="holds split 'train' but the feature store"):
+    train.train_and_evaluate(config, tmp_path / "b")
+  assert not (tmp_path / "b" / "checkpoints").exists()

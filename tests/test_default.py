@@ -1,0 +1,33 @@
+"""The embedded default, at runlocal size, through the entry point."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_default_runlocal_writes_the_report(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "reldistill_jax.main", "--config=configs/default.py:runlocal"]
+  proc = subprocess.run(
+    [*cmd, f"--workdir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"report: {tmp_path / 'report.md'}" in proc.stdout
+  metrics = json.loads((tmp_path / "metrics.json").read_text())
+  for key in ("zeroshot", "zeroshot_at_init", "fewshot_1pct"):
+    assert 0.0 <= metrics[key]["miou"] <= 1.0, key
+  assert metrics["fewshot_1pct"]["subset"] == "slidr_scene_1pct"
+  assert metrics["gap"]["G"] > 0 and metrics["gap"]["pairs"] > 0
+  report = (tmp_path / "report.md").read_text()
+  for plot in ("training_curves.png", "per_class_iou.png", "bev.png"):
+    assert (tmp_path / "plots" / plot).is_file() and f"plots/{plot}" in report
+  # A second run in the same workdir reuses the data and the checkpoints.
+  again = subprocess.run(
+    [*cmd, f"--workdir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+  )
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert json.loads((tmp_path / "metrics.json").read_text())["zeroshot"] == metrics["zeroshot"]
