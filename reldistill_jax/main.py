@@ -1,9 +1,12 @@
 r"""Entry point: `python -m reldistill_jax.main --config configs/<x>.py[:args] --workdir DIR`.
 
 Overrides: `--config.optimizer.lr=0.1`. The config's `kind` picks what runs:
-`pretrain` (reldistill_jax.train) or `finetune` (reldistill_jax.finetune: few-shot
-fine-tuning or linear probing, then evaluation on the validation scans). A wrong
-field or value fails before any work, naming it.
+`pretrain` (reldistill_jax.train), `finetune` (reldistill_jax.finetune: few-shot
+fine-tuning or linear probing, then evaluation on the validation scans),
+`default` (reldistill_jax.pipeline: the whole pipeline on the synthetic world),
+`zeroshot` (a checkpoint's zero-shot mIoU) or `gap` (the structural-gap study
+across runs; both reldistill_jax.evaluation_runs). A wrong field or value fails
+before any work, naming it.
 """
 
 import jax
@@ -38,6 +41,16 @@ def main(argv):
     from reldistill_jax import pipeline
 
     pipeline.run_default(config, _WORKDIR.value)
+  elif config.kind == "zeroshot":
+    from reldistill_jax import evaluation_runs
+
+    _require(config, "checkpoint", "input.val_buckets", "text_embeddings")
+    evaluation_runs.run_zeroshot(config, _WORKDIR.value)
+  elif config.kind == "gap":
+    from reldistill_jax import evaluation_runs
+
+    _require(config, "runs")
+    evaluation_runs.run_gap(config, _WORKDIR.value)
   else:
     raise ValueError(f"config.kind: unknown kind {config.kind!r}")
 

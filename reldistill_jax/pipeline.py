@@ -30,6 +30,7 @@ from data_prep.synthetic import writer
 from reldistill_jax import (
   classes,
   evaluate,
+  evaluation_runs,
   feature_store,
   finetune,
   input_pipeline,
@@ -96,15 +97,14 @@ def run_default(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) 
   mesh = train.make_mesh(pre)
   val = records.ShardedReader(str(paths["buckets/val"]))
   val_store = feature_store.FeatureStore(paths["features/val"], {"teacher": "synthetic"})
-  with np.load(paths["text"]) as text_file:
-    text = text_file["embeddings"]
+  text = evaluation_runs.load_text_embeddings(paths["text"])
   plain = input_pipeline.Transform(val.config, pre.input.capacity, 0, pre.input.intensity_scale)
   example = {k: v[None] for k, v in plain(val[0]).items() if k not in input_pipeline.HOST_KEYS}
   init_params = jax.jit(model.init)(jax.random.key(pre.seed), example)
   names = classes.NUSCENES_CLASSES
   batch = config.eval.batch_size
-  zeroshot = evaluate.zero_shot(model, params, val, text, plain, batch, mesh, names)
-  at_init = evaluate.zero_shot(model, init_params, val, text, plain, batch, mesh, names)
+  zeroshot = evaluation_runs.zero_shot_metrics(pre, params, val, text, batch, mesh)
+  at_init = evaluation_runs.zero_shot_metrics(pre, init_params, val, text, batch, mesh)
   logging.info("zero-shot mIoU %.4f (at initialisation %.4f)", zeroshot["miou"], at_init["miou"])
 
   # Structural gap on held-out pairs.

@@ -1,0 +1,62 @@
+r"""Zero-shot segmentation of a pretraining run's checkpoint.
+
+  python -m reldistill_jax.main \
+    --config configs/zeroshot.py:dataset=nuscenes \
+    --config.checkpoint=/runs/relational_clip/checkpoints \
+    --config.input.val_buckets=/data/buckets/nuscenes/val \
+    --config.text_embeddings=/data/text_clip_vitb16_nuscenes.npz \
+    --workdir /runs/relational_clip/zeroshot
+
+Arguments: dataset=nuscenes|synthetic (the synthetic world uses the nuScenes
+classes) and `runlocal` (the tiny student of `configs/pretrain.py:runlocal`).
+Every point of every validation scan takes the class of the closest text
+embedding (PROTOCOLS.md section 5). `model` must be the pretraining run's
+(variant, out_dim, patch_size, num_curves); a checkpoint of another student is
+refused. The text embeddings come from `data_prep.text_embeddings` with the
+run's teacher and `--classes nuscenes`.
+
+Expected: a line "zero-shot mIoU ..." and workdir/metrics.json (`zeroshot/...`)
+and workdir/report.md. Cost: one forward pass over the validation split (6,019
+nuScenes scans: minutes on one accelerator).
+"""
+
+import ml_collections
+
+from configs import common, pretrain
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, {"dataset": "nuscenes"})
+  if args["dataset"] not in ("nuscenes", "synthetic"):
+    raise ValueError(f"dataset={args['dataset']}: choose nuscenes or synthetic")
+  # The student's sizes and the input scaling are the pretraining config's.
+  pre = pretrain.get_config(
+    f"dataset={args['dataset']}" + (",runlocal" if args["runlocal"] else "")
+  )
+
+  config = ml_collections.ConfigDict()
+  config.kind = "zeroshot"
+  config.dataset = args["dataset"]
+  config.checkpoint = common.optional_str()  # the pretraining run's checkpoints folder
+
+  # Input.
+  config.input = ml_collections.ConfigDict()
+  config.input.val_buckets = common.optional_str()
+  config.input.capacity = pre.input.capacity
+  config.input.intensity_scale = pre.input.intensity_scale
+  config.text_embeddings = common.optional_str()  # .npz of data_prep.text_embeddings
+
+  # Model: must match the checkpoint.
+  config.model = ml_collections.ConfigDict(pre.model.to_dict())
+
+  # Evaluation on every point of the validation scans.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 16
+  config.eval.empty = "nan"  # empty-union classes left out of the mean (ScaLR); "one": SLidR
+
+  # Mesh: the data axis over every device (-1).
+  config.mesh = ml_collections.ConfigDict({"data": -1})
+
+  if args["runlocal"]:
+    config.eval.batch_size = 2
+  return config

@@ -1,0 +1,177 @@
+"""The zeroshot and gap kinds: a checkpoint's zero-shot mIoU, the gap study across runs."""
+
+import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import SYNTHETIC_BUILDER
+from scipy import stats
+
+from configs import gap as gap_config
+from configs import pretrain
+from configs import zeroshot as zeroshot_config
+from data_prep import text_embeddings, voxelise
+from reldistill_jax import (
+  classes,
+  evaluate,
+  evaluation_runs,
+  input_pipeline,
+  records,
+  teachers,
+  train,
+)
+from reldistill_jax import main as main_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MODEL = {"variant": "tiny", "out_dim": 512, "patch_size": 128, "num_curves": 4, "dtype": "float32"}
+
+
+@pytest.fixture(scope="module")
+def pretrained(pipeline, small_training_data, tmp_path_factory) -> dict[str, pathlib.Path]:
+  """A 2-step pretraining run, small val buckets and the synthetic teacher's text embeddings."""
+  tmp = tmp_path_factory.mktemp("zeroshot")
+  config = pretrain.get_config("loss=relational,teacher=synthetic,dataset=synthetic,runlocal")
+  config.input.buckets = str(small_training_data["buckets"])
+  config.input.features = str(small_training_data["features"])
+  config.input.capacity = 8192
+  config.input.num_pairs = 256
+  config.model.patch_size = 128
+  config.mesh.data = 1
+  config.num_steps = 2
+  config.checkpoint.every = 2
+  train.train_and_evaluate(config, tmp / "pretrain")
+
+  source = functools.partial(
+    voxelise.open_builder_split, str(pipeline["tfds"]), SYNTHETIC_BUILDER, "val"
+  )
+  bucket_config = voxelise.bucket_config(
+    SYNTHETIC_BUILDER, "val", len(source()), voxel_size=0.4, num_stages=2, patch_size=128,
+    capacities=(4096, 8192), records_per_shard=2,
+  )  # fmt: skip
+  voxelise.voxelise_split(source, str(tmp / "val"), bucket_config, workers=1)
+  teacher = teachers.load("synthetic", pipeline["world"])
+  text = text_embeddings.write_text_embeddings(teacher, "nuscenes", tmp / "text.npz")
+  return {"checkpoint": tmp / "pretrain" / "checkpoints", "val": tmp / "val", "text": text}
+
+
+def _zeroshot_config(pretrained):
+  config = zeroshot_config.get_config("dataset=synthetic,runlocal")
+  config.checkpoint = str(pretrained["checkpoint"])
+  config.input.val_buckets = str(pretrained["val"])
+  config.text_embeddings = str(pretrained["text"])
+  config.input.capacity = 8192
+  config.model.update(MODEL)
+  config.mesh.data = 1
+  return config
+
+
+def test_zeroshot_scores_the_checkpoint(pretrained, tmp_path):
+  config = _zeroshot_config(pretrained)
+  evaluation_runs.run_zeroshot(config, tmp_path)
+  metrics = json.loads((tmp_path / "metrics.json").read_text())
+  zeroshot = metrics["zeroshot"]
+  assert zeroshot["num_scans"] == 2  # the world's one validation scene, 2 keyframes
+  assert zeroshot["empty_class_convention"] == "nan"
+  assert set(zeroshot["per_class_iou"]) == set(classes.NUSCENES_CLASSES)
+  assert metrics["inputs"]["checkpoint"] == str(pretrained["checkpoint"])
+  assert "zeroshot" in (tmp_path / "report.md").read_text()
+
+  # The same numbers as evaluate.zero_shot on the checkpoint's parameters.
+  val = records.ShardedReader(str(pretrained["val"]))
+  with np.load(pretrained["text"]) as f:
+    text = f["embeddings"]
+  transform = input_pipeline.Transform(val.config, 8192, 0, config.input.intensity_scale)
+  direct = evaluate.zero_shot(
+    train.make_model(config), train.load_params(pretrained["checkpoint"]), val, text,
+    transform, 2, None, classes.NUSCENES_CLASSES,
+  )  # fmt: skip
+  assert 0.0 < zeroshot["miou"] <= 1.0
+  np.testing.assert_allclose(zeroshot["miou"], direct["miou"], rtol=1e-6)
+  np.testing.assert_allclose(zeroshot["accuracy"], direct["accuracy"], rtol=1e-6)
+
+
+def test_zeroshot_refuses_another_student(pretrained, tmp_path):
+  config = _zeroshot_config(pretrained)
+  config.model.out_dim = 256
+  with pytest.raises(ValueError, match="does not match config.model"):
+    evaluation_runs.run_zeroshot(config, tmp_path)
+  assert not (tmp_path / "metrics.json").exists()
+
+
+RUNS = {  # name: (G, zero-shot mIoU, 1% few-shot mIoU)
+  "relational": (0.12, 0.31, 0.42),
+  "contrastive": (0.25, 0.22, 0.40),
+  "similarity": (0.19, 0.18, 0.33),
+}
+
+
+def _write_runs(root: pathlib.Path) -> list[pathlib.Path]:
+  folders = []
+  for name, (g, zs, fs) in RUNS.items():
+    folder = root / name
+    folder.mkdir(parents=True)
+    metrics = {"zeroshot": {"miou": zs}, "fewshot_1pct": {"miou": fs}, "gap": {"G": g, "cka": 0.5}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    folders.append(folder)
+  return folders
+
+
+def test_gap_kind_through_main(tmp_path):
+  runs = ",".join(str(f) for f in _write_runs(tmp_path / "runs"))
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "reldistill_jax.main", "--config=configs/gap.py"]
+  cmd += [f"--config.runs={runs}", f"--workdir={tmp_path / 'study'}"]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  metrics = json.loads((tmp_path / "study" / "metrics.json").read_text())
+  assert [r["name"] for r in metrics["runs"]] == [str(tmp_path / "runs" / n) for n in RUNS]
+  g = [v[0] for v in RUNS.values()]
+  for target, column in (("zeroshot_miou", 1), ("fewshot_miou", 2)):
+    y = [v[column] for v in RUNS.values()]
+    result = metrics["gap_study"][target]
+    assert result["n"] == 3 and result["note"] is None
+    pearson, spearman = stats.pearsonr(g, y), stats.spearmanr(g, y)
+    np.testing.assert_allclose(result["pearson_r"], pearson.statistic, rtol=1e-9)
+    np.testing.assert_allclose(result["pearson_p"], pearson.pvalue, rtol=1e-9)
+    np.testing.assert_allclose(result["spearman_rho"], spearman.statistic, rtol=1e-9)
+    np.testing.assert_allclose(result["spearman_p"], spearman.pvalue, rtol=1e-9)
+  assert (tmp_path / "study" / "plots" / "gap_vs_miou.png").is_file()
+  assert "Structural gap vs mIoU" in (tmp_path / "study" / "report.md").read_text()
+
+
+def test_gap_rows_and_their_errors(tmp_path):
+  first, second, third = _write_runs(tmp_path)
+  (second / "metrics.json").write_text(json.dumps({"zeroshot": {"miou": 0.2}, "gap": {"G": 0.1}}))
+  assert evaluation_runs.gap_row(second) == {
+    "name": str(second), "G": 0.1, "zeroshot_miou": 0.2, "fewshot_miou": None,
+  }  # fmt: skip
+  (third / "metrics.json").write_text(json.dumps({"zeroshot": {"miou": 0.2}, "gap": {}}))
+  config = gap_config.get_config()
+  config.runs = f"{first}, {third}"
+  with pytest.raises(ValueError, match=f"{third}: metrics.json has no gap/G"):
+    evaluation_runs.run_gap(config, tmp_path / "study")
+  (first / "metrics.json").unlink()
+  with pytest.raises(FileNotFoundError, match=f"{first}: no metrics.json"):
+    evaluation_runs.gap_row(first)
+  assert not (tmp_path / "study").exists()
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match="dataset=kitti"):
+    zeroshot_config.get_config("dataset=kitti")
+  with pytest.raises(ValueError, match="unknown config argument 'loss'"):
+    gap_config.get_config("loss=relational")
+  with pytest.raises(ValueError, match="config.checkpoint is not set"):
+    main_lib._require(zeroshot_config.get_config(), "checkpoint", "input.val_buckets")
+  config = gap_config.get_config()
+  with pytest.raises(ValueError, match="config.runs is not set"):
+    main_lib._require(config, "runs")
+  config.runs = " , "
+  with pytest.raises(ValueError, match="names no run folder"):
+    evaluation_runs.split_runs(config.runs)
