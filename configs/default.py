@@ -40,6 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     }
   )
   config.data.workers = 2
+  config.data.root = (
+    common.optional_str()
+  )  # default: <workdir>/data; set to share data between runs
 
   # Pretraining: the relational loss, a tiny student.
   config.pretrain = pretrain.get_config(

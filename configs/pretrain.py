@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     {"rotate": True, "flip": True, "scale": (0.95, 1.05)}
   )
   config.input.num_threads = 8
-  config.input.prefetch = 4
+  config.input.prefetch = 8  # batches; grain wants at least num_threads
 
   # Model.
   config.model = ml_collections.ConfigDict()

@@ -113,7 +113,7 @@ def predict_voxels(
     lambda i, record: (record, transform(record, np.random.default_rng((seed, i))))
   )
   ds = ds.batch(batch_size, drop_remainder=False, batch_fn=_batch_fn(batch_size))
-  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)
 
   def outputs(pending):
     batch_records, out = pending

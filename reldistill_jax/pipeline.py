@@ -2,7 +2,9 @@
 
 `run_default(config, workdir)` (configs/default.py):
 
-  workdir/data/world              the synthetic world (nuScenes format)
+  workdir/data/world              the synthetic world (nuScenes format); the
+                                  data stages go to `config.data.root`
+                                  instead when it is set (shared by runs)
   workdir/data/tfds               its TFDS build
   workdir/data/buckets/<split>    voxel buckets of train, val, train_1pct
   workdir/data/features/<split>   synthetic-teacher feature stores (train, val)
@@ -83,9 +85,9 @@ def prepare_synthetic_data(
 def run_default(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Data, pretraining, zero-shot, 1% fine-tuning, structural gap and the report."""
   workdir = pathlib.Path(workdir)
-  paths = prepare_synthetic_data(config.data, workdir / "data")
+  paths = prepare_synthetic_data(config.data, pathlib.Path(config.data.root or workdir / "data"))
 
-  # Pretraining with the relational loss.
+  # Pretraining with the configured loss (relational by default).
   pre = config.pretrain
   with pre.unlocked():
     pre.input.buckets = str(paths["buckets/train"])
