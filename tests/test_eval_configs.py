@@ -1,6 +1,5 @@
 """The zeroshot and gap kinds: a checkpoint's zero-shot mIoU, the gap study across runs."""
 
-import functools
 import json
 import os
 import pathlib
@@ -9,13 +8,12 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import SYNTHETIC_BUILDER
 from scipy import stats
 
 from configs import gap as gap_config
 from configs import pretrain
 from configs import zeroshot as zeroshot_config
-from data_prep import text_embeddings, voxelise
+from data_prep import text_embeddings
 from reldistill_jax import (
   classes,
   evaluate,
@@ -46,17 +44,13 @@ def pretrained(pipeline, small_training_data, tmp_path_factory) -> dict[str, pat
   config.checkpoint.every = 2
   train.train_and_evaluate(config, tmp / "pretrain")
 
-  source = functools.partial(
-    voxelise.open_builder_split, str(pipeline["tfds"]), SYNTHETIC_BUILDER, "val"
-  )
-  bucket_config = voxelise.bucket_config(
-    SYNTHETIC_BUILDER, "val", len(source()), voxel_size=0.4, num_stages=2, patch_size=128,
-    capacities=(4096, 8192), records_per_shard=2,
-  )  # fmt: skip
-  voxelise.voxelise_split(source, str(tmp / "val"), bucket_config, workers=1)
   teacher = teachers.load("synthetic", pipeline["world"])
   text = text_embeddings.write_text_embeddings(teacher, "nuscenes", tmp / "text.npz")
-  return {"checkpoint": tmp / "pretrain" / "checkpoints", "val": tmp / "val", "text": text}
+  return {
+    "checkpoint": tmp / "pretrain" / "checkpoints",
+    "val": small_training_data["val_buckets"],
+    "text": text,
+  }
 
 
 def _zeroshot_config(pretrained):
