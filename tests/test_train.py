@@ -123,3 +123,28 @@ def test_bad_inputs_fail_before_training(small_training_data, pipeline, tmp_path
   with pytest.raises(ValueError, match="holds split 'train' but the feature store"):
     train.train_and_evaluate(config, tmp_path / "b")
   assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_non_finite_loss_names_the_step_and_samples():
+  with pytest.raises(FloatingPointError, match=r"at step 7; batch samples: \['tok-a', 'tok-b'\]"):
+    train.check_finite({"loss": np.float32("nan")}, 7, np.array([b"tok-a", b"tok-b"], object))
+  train.check_finite({"loss": np.float32(1.5)}, 7, np.array([b"tok-a"], object))
+
+
+def test_sigterm_saves_and_exits_cleanly(small_training_data, tmp_path):
+  args = [f"--config.input.buckets={small_training_data['buckets']}"]
+  args += [f"--config.input.features={small_training_data['features']}"]
+  args += [
+    f"--config.{k}={v}"
+    for k, v in {**OVERRIDES, "num_steps": 1000, "checkpoint.every": 1000}.items()
+  ]
+  proc = _main(args, tmp_path)
+  deadline = time.time() + 300
+  for line in proc.stderr:  # absl logs to stderr
+    if b"step 1/1000" in line or time.time() > deadline:
+      break
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err.decode()[-3000:]
+  steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(steps) == 1 and 1 <= steps[0] < 1000
