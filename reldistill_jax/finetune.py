@@ -25,8 +25,6 @@ random one (the "from scratch" baseline).
 
 import functools
 import pathlib
-import signal
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -39,7 +37,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from reldistill_jax import evaluate, input_pipeline, records, report, serialization, train
-from reldistill_jax import metrics_writer as mw
 
 MODES = ("finetune", "linear")
 
@@ -369,47 +366,19 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
   )
 
   # Loop.
-  writer = mw.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  previous = signal.signal(signal.SIGTERM, train.StopRequest.handler)
-  train.StopRequest.requested = False
-  measurements, pending, t0 = {}, None, time.perf_counter()
-  try:
-    # Implicit host <-> device transfers fail loudly; the loop's are explicit.
-    with jax.transfer_guard("disallow"):
-      for step in range(start, num_steps):
-        batch = next(iterator)
-        tokens = batch["token"]
-        state, out = step_fn(state, input_pipeline.to_device(batch, data_sharding))
-        # The previous step's loss is checked while this one runs.
-        if pending is not None:
-          train.check_finite(*pending)
-        pending = (out, step + 1, tokens)
-        if (step + 1) % config.log_every == 0 or step + 1 == num_steps:
-          train.check_finite(*pending)
-          measurements = {k: float(v) for k, v in jax.device_get(out).items()}
-          measurements["step_time"] = (time.perf_counter() - t0) / config.log_every
-          writer.write(step + 1, measurements, num_steps)
-          t0 = time.perf_counter()
-        last = step + 1 == num_steps
-        if (step + 1) % config.checkpoint.every == 0 or last or train.StopRequest.requested:
-          train.save_checkpoint(manager, step + 1, state, iterator)
-        if train.StopRequest.requested:
-          logging.warning("SIGTERM: saved step %d, stopping", step + 1)
-          break
-    if pending is not None:
-      train.check_finite(*pending)
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-    manager.wait_until_finished()
-    writer.close()
+  state, measurements, history, stopped = train.run_loop(
+    state, step_fn, iterator, data_sharding, manager, workdir,
+    start=start, num_steps=num_steps, log_every=config.log_every,
+    checkpoint_every=config.checkpoint.every,
+  )  # fmt: skip
   result = {
     "state": state,
     "measurements": measurements,
-    "history": writer.history,
+    "history": history,
     "num_steps": num_steps,
     "metrics": None,
   }
-  if train.StopRequest.requested:
+  if stopped:
     return result
 
   # Evaluation on every point of the validation store.
@@ -452,5 +421,5 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
       "train_scans": len(buckets),
       "final_train_loss": measurements.get("loss", float("nan")),
     }
-    report.write_report(workdir, summary, history=writer.history, title=f"{name} ({config.subset})")
+    report.write_report(workdir, summary, history=history, title=f"{name} ({config.subset})")
   return result | {"metrics": metrics}

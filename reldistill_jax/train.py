@@ -236,6 +236,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("training from step %d to %d on %s", start, config.num_steps, mesh)
 
   # Loop.
+  state, measurements, history, _ = run_loop(
+    state, step_fn, iterator, data_sharding, manager, workdir,
+    start=start, num_steps=config.num_steps, log_every=config.log_every,
+    checkpoint_every=config.checkpoint.every,
+  )  # fmt: skip
+  return {"state": state, "measurements": measurements, "model": model, "history": history}
+
+
+def run_loop(
+  state,
+  step_fn,
+  iterator,
+  data_sharding,
+  manager: ocp.CheckpointManager,
+  workdir: pathlib.Path,
+  *,
+  start: int,
+  num_steps: int,
+  log_every: int,
+  checkpoint_every: int,
+):
+  """The training loop shared by pretraining and fine-tuning.
+
+  Runs `step_fn(state, batch) -> (state, measurements)` from step `start` to
+  `num_steps`: measurements every `log_every` steps to TensorBoard and the
+  console, checkpoints every `checkpoint_every` steps, at the end, and on
+  SIGTERM (which then stops the loop); a non-finite loss stops it naming the
+  step and the batch's samples.
+
+  Returns:
+    (state, last measurements, history of logged measurements, whether a
+    SIGTERM stopped the loop).
+  """
   writer = mw.MetricWriter(workdir, enabled=jax.process_index() == 0)
   previous = signal.signal(signal.SIGTERM, StopRequest.handler)
   StopRequest.requested = False
@@ -243,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     # Implicit host <-> device transfers fail loudly; the loop's are explicit.
     with jax.transfer_guard("disallow"):
-      for step in range(start, config.num_steps):
+      for step in range(start, num_steps):
         batch = next(iterator)
         tokens = batch["token"]
         state, out = step_fn(state, input_pipeline.to_device(batch, data_sharding))
@@ -251,16 +284,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if pending is not None:
           check_finite(*pending)
         pending = (out, step + 1, tokens)
-        if (step + 1) % config.log_every == 0 or step + 1 == config.num_steps:
+        if (step + 1) % log_every == 0 or step + 1 == num_steps:
           check_finite(*pending)
           measurements = {k: float(v) for k, v in jax.device_get(out).items()}
-          elapsed = time.perf_counter() - t0
-          measurements["step_time"] = elapsed / config.log_every
-          measurements["pairs_per_second"] = measurements["pairs"] / measurements["step_time"]
-          writer.write(step + 1, measurements, config.num_steps)
+          measurements["step_time"] = (time.perf_counter() - t0) / log_every
+          if "pairs" in measurements:
+            measurements["pairs_per_second"] = measurements["pairs"] / measurements["step_time"]
+          writer.write(step + 1, measurements, num_steps)
           t0 = time.perf_counter()
-        last = step + 1 == config.num_steps
-        if (step + 1) % config.checkpoint.every == 0 or last or StopRequest.requested:
+        last = step + 1 == num_steps
+        if (step + 1) % checkpoint_every == 0 or last or StopRequest.requested:
           save_checkpoint(manager, step + 1, state, iterator)
         if StopRequest.requested:
           logging.warning("SIGTERM: saved step %d, stopping", step + 1)
@@ -271,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     signal.signal(signal.SIGTERM, previous)
     manager.wait_until_finished()
     writer.close()
-  return {"state": state, "measurements": measurements, "model": model, "history": writer.history}
+  return state, measurements, writer.history, StopRequest.requested
 
 
 def checkpoint_manager(workdir: pathlib.Path, keep: int) -> ocp.CheckpointManager:
