@@ -36,7 +36,15 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from reldistill_jax import evaluate, input_pipeline, records, report, serialization, train
+from reldistill_jax import (
+  distributed,
+  evaluate,
+  input_pipeline,
+  records,
+  report,
+  serialization,
+  train,
+)
 
 MODES = ("finetune", "linear")
 
@@ -267,7 +275,6 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
     logged and written to `workdir/metrics.json` and `workdir/report.md`.
   """
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   if config.mode not in MODES:
     raise ValueError(f"config.mode: unknown mode {config.mode!r}; choose from {MODES}")
   class_names = tuple(config.class_names)
@@ -298,12 +305,16 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
   val_buckets = records.ShardedReader(inp.val_buckets, version | {"split": inp.val_split})
   for store in (buckets, val_buckets):
     train.check_patch_size(config, store)
+  workdir.mkdir(parents=True, exist_ok=True)  # only once the inputs are known good
   augment = input_pipeline.Augment(inp.augment.rotate, inp.augment.flip, tuple(inp.augment.scale))
   transform = input_pipeline.Transform(
     buckets.config, inp.capacity, 0, inp.intensity_scale, augment=augment
   )
-  ds = input_pipeline.dataset(buckets, None, transform, inp.batch_size, seed=config.seed)
-  iterator = iter(train.process_batches(ds, config, jax.process_index(), jax.process_count()))
+  iterator = iter(
+    train.process_dataset(
+      buckets, None, transform, config, *distributed.batch_slice(data_sharding, inp.batch_size)
+    )
+  )
   num_steps = _steps(config, len(buckets))
 
   # Model and optimizer, shape first, then initialised already replicated.

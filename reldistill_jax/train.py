@@ -26,10 +26,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from reldistill_jax import (
+  distributed,
   feature_store,
   input_pipeline,
   pairs,
@@ -103,7 +105,7 @@ def make_loss(config: ml_collections.ConfigDict, mesh):
 
 
 def open_data(config: ml_collections.ConfigDict, process_index: int, process_count: int):
-  """The training dataset of this process and the stores behind it."""
+  """The training dataset of this process (`process_dataset`) and the stores behind it."""
   inp = config.input
   buckets = records.ShardedReader(inp.buckets, {"bucket_version": serialization.BUCKET_VERSION})
   store = feature_store.FeatureStore(
@@ -117,26 +119,33 @@ def open_data(config: ml_collections.ConfigDict, process_index: int, process_cou
     grid=tuple(store.config["grid"]),
     augment=input_pipeline.Augment(inp.augment.rotate, inp.augment.flip, tuple(inp.augment.scale)),
   )
-  ds = input_pipeline.dataset(buckets, store, transform, inp.batch_size, seed=config.seed)
-  return process_batches(ds, config, process_index, process_count), buckets, store
+  ds = process_dataset(buckets, store, transform, config, process_index, process_count)
+  return ds, buckets, store
 
 
-def process_batches(
-  ds: grain.MapDataset, config: ml_collections.ConfigDict, process_index: int, process_count: int
+def process_dataset(
+  buckets: records.ShardedReader,
+  store: feature_store.FeatureStore | None,
+  transform: input_pipeline.Transform,
+  config: ml_collections.ConfigDict,
+  process_index: int,
+  process_count: int,
 ) -> grain.IterDataset:
-  """This process's slice of every global batch of `ds`, read ahead by `config.input`'s threads."""
+  """Block `process_index` of `process_count` of every global batch, read ahead.
+
+  Global batch j (`config.input.batch_size` examples) is the per-process
+  batches j * count ... (j + 1) * count - 1 of one shuffled, augmented stream,
+  so each process loads and augments only its own block, and the examples are
+  those of one process reading whole global batches.
+  """
   inp = config.input
   if inp.batch_size % process_count:
     raise ValueError(
       f"config.input.batch_size {inp.batch_size} is not divisible by {process_count} processes"
     )
-  # Each process reads every global batch's own slice.
   per_process = inp.batch_size // process_count
-  ds = ds.map(
-    lambda b: {
-      k: v[process_index * per_process : (process_index + 1) * per_process] for k, v in b.items()
-    }
-  )
+  ds = input_pipeline.dataset(buckets, store, transform, per_process, seed=config.seed)
+  ds = ds[process_index::process_count]
   options = grain.ReadOptions(num_threads=inp.num_threads, prefetch_buffer_size=inp.prefetch)
   return ds.to_iter_dataset(options)
 
@@ -174,7 +183,13 @@ def update_step(state, batch, *, model, tx, loss_fn, schedule):
 
 
 class StopRequest:
-  """Set by SIGTERM: the loop saves a checkpoint and returns."""
+  """Set by SIGTERM: the loop saves a checkpoint and returns.
+
+  With several processes SIGTERM is left to JAX's preemption service instead (installed by
+  `jax.distributed.initialize`): a notice to any process makes every process stop after the
+  same step (`multihost_utils.reached_preemption_sync_point`), so none waits in a collective
+  for another that stopped.
+  """
 
   requested = False
 
@@ -187,7 +202,6 @@ class StopRequest:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Pretrains the student of `config` in `workdir`; returns the last measurements."""
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
 
   # Mesh.
   mesh = make_mesh(config)
@@ -200,9 +214,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f"config.input.batch_size {config.input.batch_size} is not divisible by the "
       f"{mesh.shape['data']} devices of the data axis"
     )
-  iterator_ds, buckets, _ = open_data(config, jax.process_index(), jax.process_count())
+  # This process's block of every global batch: the rows its devices hold on the data axis.
+  iterator_ds, buckets, _ = open_data(
+    config, *distributed.batch_slice(data_sharding, config.input.batch_size)
+  )
   iterator = iter(iterator_ds)
   check_patch_size(config, buckets)
+  workdir.mkdir(parents=True, exist_ok=True)  # only once the inputs are known good
 
   # Model and optimizer, shape first, then initialised already replicated.
   model = make_model(config)
@@ -270,8 +288,9 @@ def run_loop(
     SIGTERM stopped the loop).
   """
   writer = mw.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  previous = signal.signal(signal.SIGTERM, StopRequest.handler)
-  StopRequest.requested = False
+  several = jax.process_count() > 1
+  previous = None if several else signal.signal(signal.SIGTERM, StopRequest.handler)
+  StopRequest.requested = stop = False
   measurements, pending, t0 = {}, None, time.perf_counter()
   try:
     # Implicit host <-> device transfers fail loudly; the loop's are explicit.
@@ -293,18 +312,23 @@ def run_loop(
           writer.write(step + 1, measurements, num_steps)
           t0 = time.perf_counter()
         last = step + 1 == num_steps
-        if (step + 1) % checkpoint_every == 0 or last or StopRequest.requested:
+        if several:
+          stop = multihost_utils.reached_preemption_sync_point(step + 1)
+        else:
+          stop = StopRequest.requested
+        if (step + 1) % checkpoint_every == 0 or last or stop:
           save_checkpoint(manager, step + 1, state, iterator)
-        if StopRequest.requested:
+        if stop:
           logging.warning("SIGTERM: saved step %d, stopping", step + 1)
           break
     if pending is not None:
       check_finite(*pending)
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
     manager.wait_until_finished()
     writer.close()
-  return state, measurements, writer.history, StopRequest.requested
+  return state, measurements, writer.history, stop
 
 
 def checkpoint_manager(workdir: pathlib.Path, keep: int) -> ocp.CheckpointManager:
@@ -351,18 +375,33 @@ def _restore(manager, config, abstract_sharded, iterator, init, state_sharding):
     return state
   state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(config.seed))
   if config.checkpoint.init_from:
-    params = load_params(config.checkpoint.init_from)
-    state["params"] = jax.device_put(params, state_sharding["params"])
+    # Read straight onto this run's mesh: any device count, any number of processes.
+    replicated = jax.tree.leaves(state_sharding["params"])[0]
+    state["params"] = load_params(config.checkpoint.init_from, replicated)
   return state
 
 
-def load_params(checkpoints: str | pathlib.Path):
-  """The student parameters of the latest checkpoint in a checkpoint folder."""
-  manager = ocp.CheckpointManager(pathlib.Path(checkpoints).absolute())
+def load_params(checkpoints: str | pathlib.Path, sharding: jax.sharding.Sharding | None = None):
+  """The student parameters of the latest checkpoint in a checkpoint folder.
+
+  Args:
+    checkpoints: the folder.
+    sharding: where to put every array (a checkpoint written on other devices needs one);
+      None: the devices the checkpoint was written from.
+  """
+  manager = ocp.CheckpointManager(
+    pathlib.Path(checkpoints).absolute(), item_handlers={"state": ocp.StandardCheckpointHandler()}
+  )
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"{checkpoints}: no checkpoint to take parameters from")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  target = None
+  if sharding is not None:
+    target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+      manager.item_metadata(step)["state"],
+    )
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   return restored["state"]["params"]
 
 

@@ -1,0 +1,176 @@
+"""Two processes of two CPU devices each train as one process of four devices does.
+
+Every run goes through the entry point (`python -m reldistill_jax.main`), the
+two-process one with `--coordinator_address/--num_processes/--process_id` on
+a free localhost port; each subprocess sets its own XLA_FLAGS (conftest's
+eight devices are for this process only).
+"""
+
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ARG = "loss=relational,teacher=synthetic,dataset=synthetic,runlocal"
+OVERRIDES = {
+  "input.capacity": 8192,
+  "input.num_pairs": 256,
+  "input.batch_size": 4,  # one sample per device, two per process
+  "model.patch_size": 128,
+  "mesh.data": -1,
+  "num_steps": 2,  # step 2's loss depends on step 1's all-reduced gradients
+  "log_every": 1,
+  "checkpoint.every": 1,
+}
+TIMEOUT = 240  # seconds, for each group of processes
+LAST = re.compile(r"process (\d+) of (\d+), last measurements: (\{.*\})")
+
+
+def _free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}  # gRPC honours them
+  env = {k: v for k, v in env.items() if not k.startswith(("JAX_", "TPU_", "SLURM_", "OMPI_"))}
+  env.update(
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    PYTHONUNBUFFERED="1",
+  )
+  return env
+
+
+def _pair() -> list[list[str]]:
+  """The flags of the two processes of a run, with a free localhost port as coordinator."""
+  coordinator = f"--coordinator_address=localhost:{_free_port()}"
+  return [[coordinator, "--num_processes=2", f"--process_id={i}"] for i in range(2)]
+
+
+def _args(data, workdir: pathlib.Path, overrides: dict) -> list[str]:
+  args = [sys.executable, "-m", "reldistill_jax.main", f"--config=configs/pretrain.py:{ARG}"]
+  args += [f"--config.input.buckets={data['buckets']}"]
+  args += [f"--config.input.features={data['features']}"]
+  return args + [f"--config.{k}={v}" for k, v in overrides.items()] + [f"--workdir={workdir}"]
+
+
+def _start(args, devices: int, extra: list[list[str]], workdir: pathlib.Path):
+  """One entry-point process per item of `extra` (its own flags), each logging to a file."""
+  procs, logs = [], []
+  for i, flags in enumerate(extra):
+    logs.append(workdir.parent / f"{workdir.name}.{i}.log")
+    with open(logs[-1], "wb") as log:
+      procs.append(
+        subprocess.Popen(
+          args + flags, cwd=REPO, env=_env(devices), stdout=log, stderr=subprocess.STDOUT
+        )
+      )
+  return procs, logs
+
+
+def _kill(procs) -> None:
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+
+
+def _tails(procs, logs) -> str:
+  return "\n".join(
+    f"--- process {i} (exit {p.poll()}), last lines of {log}:\n"
+    + log.read_text(errors="replace")[-4000:]
+    for i, (p, log) in enumerate(zip(procs, logs, strict=True))
+  )
+
+
+def _wait(procs, logs, deadline: float) -> list[str]:
+  """Waits for every process to exit 0 (killing all when one fails or time runs out);
+  returns their logs."""
+  while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+    if any(p.returncode not in (None, 0) for p in procs):
+      time.sleep(5)  # give the others a moment to report, then stop them
+      break
+    time.sleep(0.2)
+  _kill(procs)
+  assert all(p.returncode == 0 for p in procs), (
+    f"a process failed or timed out\n{_tails(procs, logs)}"
+  )
+  return [log.read_text(errors="replace") for log in logs]
+
+
+def _last(texts: list[str], procs, logs) -> list[dict]:
+  """Each process's last measurements, as the entry point logs them."""
+  out = []
+  for i, text in enumerate(texts):
+    found = LAST.findall(text)
+    assert len(found) == 1, f"process {i} logged no last measurements\n{_tails(procs, logs)}"
+    index, count, measurements = found[0]
+    assert (int(index), int(count)) == (i, len(texts)), _tails(procs, logs)
+    out.append(json.loads(measurements))
+  return out
+
+
+def test_two_processes_give_the_one_process_loss(small_training_data, tmp_path):
+  data = small_training_data
+  start = time.monotonic()
+  # The pair and the single process run at once (they share the 2 cores of CI).
+  pair = _start(_args(data, tmp_path / "two", OVERRIDES), 2, _pair(), tmp_path / "two")
+  single = _start(_args(data, tmp_path / "one", OVERRIDES), 4, [[]], tmp_path / "one")
+  try:
+    deadline = time.monotonic() + TIMEOUT
+    two = _last(_wait(*pair, deadline), *pair)
+    (one,) = _last(_wait(*single, deadline), *single)
+  finally:
+    _kill(pair[0] + single[0])
+  print(f"3 processes in {time.monotonic() - start:.1f}s; losses: one {one['loss']!r}, "
+        f"two {two[0]['loss']!r} {two[1]['loss']!r}")  # fmt: skip
+
+  keys = ("loss", "loss/cross", "loss/intra", "grad_norm", "param_norm", "pairs")
+  for key in keys:
+    # Both processes see the same replicated values (bit for bit), and those of one process.
+    assert two[0][key] == two[1][key], key
+    np.testing.assert_allclose(two[0][key], one[key], rtol=1e-5, err_msg=key)
+  assert one["pairs"] == 4 * 256
+
+  # One checkpoint folder, with each process's grain iterator position.
+  for step in (1, 2):
+    folder = tmp_path / "two" / "checkpoints" / str(step) / "data"
+    assert sorted(p.name for p in folder.iterdir() if p.suffix == ".json") == [
+      "process_0-of-2.json",
+      "process_1-of-2.json",
+    ]
+  # Only process 0 writes TensorBoard events.
+  assert len(list((tmp_path / "two" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(small_training_data, tmp_path):
+  workdir = tmp_path / "two"
+  overrides = {**OVERRIDES, "num_steps": 1000, "checkpoint.every": 1000}
+  args = _args(small_training_data, workdir, overrides)
+  procs, logs = _start(args, 2, _pair(), workdir)
+  try:
+    deadline = time.monotonic() + TIMEOUT
+    while "step 2/1000" not in logs[0].read_text(errors="replace"):
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs), (
+        f"no step 2 within {TIMEOUT}s\n{_tails(procs, logs)}"
+      )
+      time.sleep(0.2)
+    # JAX's preemption service gets the notice to every process; both stop after one step.
+    procs[1].send_signal(signal.SIGTERM)  # process 0 gets none
+    texts = _wait(procs, logs, deadline)
+  finally:
+    _kill(procs)
+  steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(steps) == 1 and 2 <= steps[0] < 1000, (steps, _tails(procs, logs))
+  for text in texts:
+    assert f"SIGTERM: saved step {steps[0]}, stopping" in text, _tails(procs, logs)
