@@ -14,13 +14,14 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import shutil
 import subprocess
 import sys
 import time
 
 from absl import app, flags
+
+from reldistill_jax import hardware
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/reldistill_bench_data", "Scratch folder (emptied).")
 _OUT = flags.DEFINE_string("out", "data_prep.json", "JSON output file.")
@@ -86,7 +87,7 @@ def measure(workdir: pathlib.Path, smoke: bool, workers: int) -> dict:
     "voxel_bucket_bytes": _size(buckets.glob("*.array_record")) / train_scans,
   }
   return {
-    "machine": f"{platform.node()} ({os.cpu_count()} CPU cores, {platform.processor() or platform.machine()})",
+    "machine": hardware.machine(),
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     "command": " ".join([pathlib.Path(sys.argv[0]).name, *sys.argv[1:]]),
     "workers": workers,

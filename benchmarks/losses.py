@@ -30,9 +30,7 @@ times the GPU kernel in Pallas interpret mode so every path runs.
 
 import datetime
 import json
-import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,10 +39,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 from absl import app, flags
 
-from reldistill_jax import losses
+from reldistill_jax import hardware, losses
 from reldistill_jax import sharded_losses as sl
 
 _OUT = flags.DEFINE_string("out", "losses.json", "JSON output file.")
@@ -99,30 +96,6 @@ def _settings() -> dict:
 
 # One configuration. With --isolate the orchestrating process never calls
 # these, so it never starts the accelerator nor holds memory on it.
-
-
-def _device_info() -> dict:
-  devices = jax.local_devices()
-  stats = devices[0].memory_stats() or {}
-  return {
-    "backend": jax.default_backend(),
-    "device_kind": devices[0].device_kind,
-    "device_count": len(devices),
-    "memory_bytes_limit": stats.get("bytes_limit"),
-    "jax_version": jax.__version__,
-    "jaxlib_version": jaxlib.__version__,
-  }
-
-
-def _memory_limit() -> tuple[int | None, str]:
-  """Bytes one configuration may use, and where that number comes from."""
-  stats = jax.local_devices()[0].memory_stats() or {}
-  if "bytes_limit" in stats:
-    return stats["bytes_limit"], "device memory_stats bytes_limit"
-  try:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host physical memory"
-  except (ValueError, OSError):
-    return None, "unknown"
 
 
 def _loss_fn(method: str, implementation: str, settings: dict):
@@ -187,7 +160,7 @@ def run_one(method: str, n: int, dtype_name: str, settings: dict) -> dict:
       + analysis.temp_size_in_bytes
       - analysis.alias_size_in_bytes
     )
-  limit, limit_source = _memory_limit()
+  limit, limit_source = hardware.memory_limit()
   record["memory_estimate_bytes"] = estimate
   if estimate is not None and limit is not None and estimate > settings["memory_headroom"] * limit:
     reason = (
@@ -266,7 +239,7 @@ def main(argv):
   settings = _settings()
   if _ONE.value:
     method, n, dtype_name = _ONE.value.split(":")
-    record = {**run_one(method, int(n), dtype_name, settings), "devices": _device_info()}
+    record = {**run_one(method, int(n), dtype_name, settings), "devices": hardware.devices()}
     pathlib.Path(_RECORD.value).write_text(json.dumps(record))
     return
 
@@ -291,16 +264,10 @@ def main(argv):
     children = [r.pop("devices") for r in results if "devices" in r]
     devices = children[0] if children else None
   else:
-    devices = _device_info()
+    devices = hardware.devices()
   result = {
     "benchmark": "relational loss, value_and_grad with respect to the student features",
-    "machine": {
-      "node": platform.node(),
-      "cpu_count": os.cpu_count(),
-      "processor": platform.processor() or platform.machine(),
-      "platform": platform.platform(),
-      "python": platform.python_version(),
-    },
+    "machine": hardware.machine(),
     "devices": devices,
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     "command": " ".join([pathlib.Path(sys.argv[0]).name, *sys.argv[1:]]),

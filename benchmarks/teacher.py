@@ -13,8 +13,6 @@ tower (a test uses it).
 
 import datetime
 import json
-import os
-import platform
 import sys
 import time
 
@@ -23,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from reldistill_jax import hardware
 from reldistill_jax.models import vit
 
 _OUT = flags.DEFINE_string("out", "teacher.json", "JSON output file.")
@@ -78,7 +77,7 @@ def main(argv):
   device = jax.devices()[0]
   report = {
     "benchmark": "teacher dense features",
-    "machine": f"{platform.node()} ({os.cpu_count()} CPU cores)",
+    "machine": hardware.machine(),
     "device": f"{device.platform} {device.device_kind}",
     "jax_version": jax.__version__,
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

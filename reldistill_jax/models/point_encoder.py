@@ -271,8 +271,8 @@ class Model(nn.Module):
     return jnp.where(masks[0][..., None], y, 0), aux
 
 
-def param_count(variant: str, out_dim: int = 512) -> int:
-  """Number of parameters of a named variant (shape-only, no allocation)."""
+def param_shapes(variant: str, out_dim: int = 512):
+  """The parameter tree of a named variant as shapes (no allocation)."""
   model = Model(variant=variant, out_dim=out_dim, patch_size=8)
   stages = len(VARIANTS[variant][0])
   batch = {"features": jax.ShapeDtypeStruct((1, 8, 4), jnp.float32)}
@@ -284,10 +284,21 @@ def param_count(variant: str, out_dim: int = 512) -> int:
       f"s{s}/neighbors": jax.ShapeDtypeStruct((1, 8, 27), jnp.int32),
       f"s{s}/parent": jax.ShapeDtypeStruct((1, 8), jnp.int32),
     }
-  shapes = jax.eval_shape(model.init, jax.random.key(0), batch)
-  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes))
+  return jax.eval_shape(model.init, jax.random.key(0), batch)
+
+
+def param_count(variant: str, out_dim: int = 512) -> int:
+  """Number of parameters of a named variant (shape-only, no allocation)."""
+  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(param_shapes(variant, out_dim)))
 
 
 if __name__ == "__main__":
+  import argparse
+
+  argparse.ArgumentParser(
+    prog="python -m reldistill_jax.models.point_encoder",
+    description="Prints the parameter count of every student variant (out_dim 512, 4 input "
+    "channels), computed from shapes only. Reads and writes no file.",
+  ).parse_args()
   for name in VARIANTS:
     print(f"{name:6s} {param_count(name) / 1e6:8.2f}M parameters (out_dim 512, 4 input channels)")
