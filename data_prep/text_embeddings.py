@@ -3,7 +3,9 @@ r"""Writes the ensembled class text embeddings of a teacher.
   python -m data_prep.text_embeddings --teacher clip_vitb16 --weights CKPT \
       --classes nuscenes --out text_nuscenes.npz
 
-Encodes every class name of the dataset in every prompt template
+Reads the teacher's checkpoint (--weights: its text tower and tokenizer
+files; for the synthetic teacher, the world's dataroot) and encodes every
+class name of the dataset in every prompt template
 (`reldistill_jax.prompts`: CLIP's 80 ImageNet templates and a few scene
 templates), averages the L2-normalised embeddings per class and renormalises.
 Writes an .npz with `embeddings` (C, D) float32, `classes` (C,) names, and

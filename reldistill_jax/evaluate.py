@@ -26,6 +26,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -71,6 +72,7 @@ def predict_voxels(
   *,
   seed: int = 0,
   num_threads: int = 4,
+  desc: str = "evaluate",
 ) -> Iterator[tuple[dict[str, Any], Any]]:
   """Runs `apply_fn` over every record of a store, in order, one shape throughout.
 
@@ -87,6 +89,7 @@ def predict_voxels(
     mesh: a mesh with a `data` axis, or None for the first device.
     seed: seed of the pair sampling.
     num_threads: reader threads (decoding and transforms run ahead).
+    desc: the progress bar's label (scans done over the store's length).
 
   Yields:
     (record, out): the bucket record as read (host numpy: `point_to_voxel`,
@@ -115,25 +118,31 @@ def predict_voxels(
   ds = ds.batch(batch_size, drop_remainder=False, batch_fn=_batch_fn(batch_size))
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)
 
+  progress = tqdm.tqdm(total=len(buckets), unit="scan", desc=desc, disable=jax.process_index() != 0)
+
   def outputs(pending):
     batch_records, out = pending
     out = jax.device_get(out)
     for i, record in enumerate(batch_records):  # padding rows are never read
+      progress.update()
       yield record, jax.tree.map(lambda x, i=i: x[i], out)
 
   pending = None
-  for batch_records, batch in ds.to_iter_dataset(options):
-    device_batch = {
-      k: jax.device_put(v, data_sharding)
-      for k, v in batch.items()
-      if k not in input_pipeline.HOST_KEYS
-    }
-    out = fn(params, device_batch)  # dispatched: runs while the host scores the previous batch
+  try:
+    for batch_records, batch in ds.to_iter_dataset(options):
+      device_batch = {
+        k: jax.device_put(v, data_sharding)
+        for k, v in batch.items()
+        if k not in input_pipeline.HOST_KEYS
+      }
+      out = fn(params, device_batch)  # dispatched: runs while the host scores the previous batch
+      if pending is not None:
+        yield from outputs(pending)
+      pending = (batch_records, out)
     if pending is not None:
       yield from outputs(pending)
-    pending = (batch_records, out)
-  if pending is not None:
-    yield from outputs(pending)
+  finally:
+    progress.close()
 
 
 def point_predictions(record: Mapping[str, Any], voxel_pred: np.ndarray) -> np.ndarray:
@@ -177,7 +186,9 @@ def segmentation(
   num_classes = len(class_names)
   confusion = np.zeros((num_classes + 1, num_classes + 1), np.int64)
   num_scans = 0
-  for record, voxel_pred in predict_voxels(apply_fn, params, buckets, transform, batch_size, mesh):
+  for record, voxel_pred in predict_voxels(
+    apply_fn, params, buckets, transform, batch_size, mesh, desc="segmentation"
+  ):
     if not record["has_labels"]:
       raise ValueError(
         f"{_store_name(buckets)}: scan {record['token']!r} has no labels; "
@@ -315,7 +326,9 @@ def structural_gap(
 
   sample = _PairSample(max_pairs)
   for index, (_, out) in enumerate(
-    predict_voxels(apply_fn, params, source, transform, batch_size, mesh, seed=seed)
+    predict_voxels(
+      apply_fn, params, source, transform, batch_size, mesh, seed=seed, desc="structural gap"
+    )
   ):
     mask = out["mask"]
     keys = np.random.default_rng((seed, index, 1)).random(int(mask.sum()))

@@ -47,45 +47,65 @@ SPLITS = ("train", "val", "train_1pct")
 FEATURE_SPLITS = ("train", "val")
 
 
+def data_paths(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Where the data stages of the default (`config`: configs/default.py) write.
+
+  Keys: world, tfds, builder (the TFDS builder name), buckets/<split> for
+  SPLITS, features/<split> for FEATURE_SPLITS, text.
+  """
+  root = pathlib.Path(config.data.root or pathlib.Path(workdir) / "data")
+  paths = {
+    "world": root / "world",
+    "tfds": root / "tfds",
+    "builder": f"nuscenes_lidarseg/{config.data.world.version}",
+    "text": root / "text.npz",
+  }
+  paths.update({f"buckets/{split}": root / "buckets" / split for split in SPLITS})
+  paths.update({f"features/{split}": root / "features" / split for split in FEATURE_SPLITS})
+  return paths
+
+
 def prepare_synthetic_data(
-  config: ml_collections.ConfigDict, root: pathlib.Path
+  config: ml_collections.ConfigDict, workdir: str | pathlib.Path
 ) -> dict[str, pathlib.Path]:
-  """Runs the data stages of the default into `root`; returns the paths."""
-  world, tfds_dir = root / "world", root / "tfds"
-  builder = f"nuscenes_lidarseg/{config.world.version}"
+  """Runs the data stages of the default; returns `data_paths(config, workdir)`."""
+  paths = data_paths(config, workdir)
+  data = config.data
+  world, tfds_dir, builder = paths["world"], paths["tfds"], paths["builder"]
   logging.info("data: synthetic world in %s", world)
   writer.generate(
-    world, config.world.scenes, config.world.samples_per_scene, config.world.seed,
-    version=config.world.version, workers=config.workers,
+    world, data.world.scenes, data.world.samples_per_scene, data.world.seed,
+    version=data.world.version, workers=data.workers,
   )  # fmt: skip
-  build.build("nuscenes_lidarseg", str(world), str(tfds_dir), config=config.world.version)
-  paths = {"world": world, "tfds": tfds_dir, "builder": builder}
+  build.build("nuscenes_lidarseg", str(world), str(tfds_dir), config=data.world.version)
   for split in SPLITS:
-    out = root / "buckets" / split
     source = functools.partial(voxelise.open_builder_split, str(tfds_dir), builder, split)
-    vox = config.voxel
+    vox = data.voxel
     bucket_config = voxelise.bucket_config(
       builder, split, len(source()), voxel_size=vox.voxel_size, num_stages=vox.num_stages,
       patch_size=vox.patch_size, capacities=vox.capacities, stage_ratio=vox.stage_ratio,
       records_per_shard=vox.records_per_shard,
     )  # fmt: skip
-    voxelise.voxelise_split(source, str(out), bucket_config, workers=config.workers)
-    paths[f"buckets/{split}"] = out
+    voxelise.voxelise_split(
+      source, str(paths[f"buckets/{split}"]), bucket_config, workers=data.workers
+    )
   teacher = teachers.load("synthetic", world)
   for split in FEATURE_SPLITS:
-    out = root / "features" / split
     teacher_features.write_store(
-      teacher, data_source(tfds_dir, builder, split), str(out), builder, split
+      teacher,
+      data_source(tfds_dir, builder, split),
+      str(paths[f"features/{split}"]),
+      builder,
+      split,
     )
-    paths[f"features/{split}"] = out
-  paths["text"] = text_embeddings.write_text_embeddings(teacher, "nuscenes", root / "text.npz")
+  text_embeddings.write_text_embeddings(teacher, "nuscenes", paths["text"])
   return paths
 
 
 def run_default(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Data, pretraining, zero-shot, 1% fine-tuning, structural gap and the report."""
   workdir = pathlib.Path(workdir)
-  paths = prepare_synthetic_data(config.data, pathlib.Path(config.data.root or workdir / "data"))
+  paths = prepare_synthetic_data(config, workdir)
 
   # Pretraining with the configured loss (relational by default).
   pre = config.pretrain

@@ -79,13 +79,15 @@ def class_palette(class_names: Sequence[str], colours=None) -> np.ndarray:
   return np.array([mcolors.to_rgb(c) for c in colours])
 
 
-def _figure(width: float, height: float) -> Figure:
+def figure(width: float, height: float) -> Figure:
+  """A new figure on its own Agg canvas (no pyplot state)."""
   fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
   FigureCanvasAgg(fig)
   return fig
 
 
-def _save(fig: Figure, path) -> pathlib.Path:
+def save_figure(fig: Figure, path) -> pathlib.Path:
+  """Writes `fig` as a PNG at `path` (parents created) and releases it."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, facecolor="white")
@@ -116,7 +118,7 @@ def plot_training_curves(history: Sequence[Mapping], path, title: str = "Trainin
     raise ValueError("history holds no scalar series")
   cols = min(3, len(series))
   rows = math.ceil(len(series) / cols)
-  fig = _figure(4.3 * cols, 3.0 * rows + 0.4)
+  fig = figure(4.3 * cols, 3.0 * rows + 0.4)
   axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
   for ax, (name, points) in zip(axes, series.items(), strict=False):
     ax.plot(points[:, 0], points[:, 1], marker="." if len(points) < 30 else None, lw=1.3)
@@ -128,7 +130,7 @@ def plot_training_curves(history: Sequence[Mapping], path, title: str = "Trainin
   for ax in axes[len(series) :]:
     ax.set_visible(False)
   fig.suptitle(title, fontsize=13)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_per_class_iou(per_class: Mapping, path, title: str = "Per-class IoU"):
@@ -147,7 +149,7 @@ def plot_per_class_iou(per_class: Mapping, path, title: str = "Per-class IoU"):
   runs = _runs(to_jsonable(per_class))
   class_names = list(dict.fromkeys(c for ious in runs.values() for c in ious))
   width = 0.8 / len(runs)
-  fig = _figure(max(8.0, 0.42 * len(class_names) * (1 + 0.5 * len(runs)) + 1.5), 5.0)
+  fig = figure(max(8.0, 0.42 * len(class_names) * (1 + 0.5 * len(runs)) + 1.5), 5.0)
   ax = fig.subplots()
   x = np.arange(len(class_names))
   for r, (run, ious) in enumerate(runs.items()):
@@ -164,7 +166,7 @@ def plot_per_class_iou(per_class: Mapping, path, title: str = "Per-class IoU"):
   ax.grid(axis="y", alpha=0.3)
   if len(runs) > 1:
     fig.legend(loc="outside right upper")
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_gap_scatter(rows: Sequence[Mapping], path, x: str = "G", study=None):
@@ -183,7 +185,7 @@ def plot_gap_scatter(rows: Sequence[Mapping], path, x: str = "G", study=None):
   study = study or structural_gap.gap_study(rows, x)
   if not study:
     raise ValueError("the gap rows hold no key ending in 'miou'")
-  fig = _figure(5.6 * len(study), 5.0)
+  fig = figure(6.6 * len(study), 5.2)
   axes = np.atleast_1d(fig.subplots(1, len(study), squeeze=False)).ravel()
   for ax, (target, result) in zip(axes, study.items(), strict=True):
     used = [r for r in rows if _finite(r.get(x)) and _finite(r.get(target))]
@@ -191,9 +193,8 @@ def plot_gap_scatter(rows: Sequence[Mapping], path, x: str = "G", study=None):
     gy = np.array([float(r[target]) * 100 for r in used])
     ax.scatter(gx, gy, s=40, zorder=3)
     for r, xi, yi in zip(used, gx, gy, strict=True):
-      ax.annotate(
-        str(r.get("name", "")), (xi, yi), xytext=(4, 4), textcoords="offset points", fontsize=8
-      )
+      name = pathlib.PurePath(str(r.get("name", ""))).name  # a run folder: its last part
+      ax.annotate(name, (xi, yi), xytext=(4, 4), textcoords="offset points", fontsize=8)
     if result["note"] is None:
       slope, intercept = np.polyfit(gx, gy, 1)
       line = np.linspace(gx.min(), gx.max(), 2)
@@ -212,7 +213,7 @@ def plot_gap_scatter(rows: Sequence[Mapping], path, x: str = "G", study=None):
     ax.margins(0.12)
     ax.grid(alpha=0.3)
   fig.suptitle("Structural gap vs mIoU across trained models", fontsize=12)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_bev(points, pred, label, class_names, path, colours=None, extent=None, title=None):
@@ -239,7 +240,7 @@ def plot_bev(points, pred, label, class_names, path, colours=None, extent=None, 
   scored = label != 0
   order = np.argsort(scored, kind="stable")  # ignored points drawn first, underneath
   accuracy = float((pred[scored] == label[scored]).mean()) if scored.any() else float("nan")
-  fig = _figure(13.0, 8.0)
+  fig = figure(13.0, 8.0)
   axes = fig.subplots(1, 2, sharex=True, sharey=True)
   panels = (("Labels", label), (f"Predictions (accuracy {accuracy:.1%} on labelled points)", pred))
   size = float(np.clip(1.2e5 / max(len(xy), 1), 1.0, 8.0))  # marker area, points^2
@@ -259,7 +260,7 @@ def plot_bev(points, pred, label, class_names, path, colours=None, extent=None, 
   fig.suptitle(
     title or f"Bird's-eye view, {len(xy):,} points (ego at the red triangle)", fontsize=12
   )
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def to_jsonable(value):

@@ -30,14 +30,21 @@ _EPOCHS = flags.DEFINE_integer("finetune_epochs", 20, "1% fine-tuning epochs per
 COLUMNS = (("zeroshot", "miou"), ("fewshot_1pct", "miou"), ("gap", "G"))
 
 
-def run_study(workdir: pathlib.Path, losses, seeds, steps: int, epochs: int) -> str:
-  """Runs every (loss, seed) and the gap study; returns the markdown table."""
+def run_study(
+  workdir: pathlib.Path, losses, seeds, steps: int, epochs: int, config_arg: str | None = None
+) -> str:
+  """Runs every (loss, seed) and the gap study; returns the markdown table.
+
+  `config_arg` is the argument of configs/default.py (`"runlocal"`: a 3-scene
+  world, as the notebooks use).
+  """
+  workdir = pathlib.Path(workdir)
   runs = {}
   for loss in losses:
     for seed in seeds:
       run = workdir / f"{loss}_s{seed}"
       if not (run / "metrics.json").is_file():
-        config = default_config.get_config()
+        config = default_config.get_config(config_arg)
         config.data.root = str(workdir / "data")
         config.pretrain.loss.name = loss
         config.pretrain.seed = int(seed)
