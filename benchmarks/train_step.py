@@ -142,6 +142,9 @@ _NUM_PAIRS = flags.DEFINE_integer("num_pairs", None, "Pair slots per scan (defau
 _PATCH = flags.DEFINE_integer("patch_size", None, "Attention patch size (default: config's).")
 _DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype (default: the config's).")
 _VOXEL = flags.DEFINE_float("voxel_size", 0.1, "Voxel size of the synthetic buckets (m).")
+_RATIO = flags.DEFINE_float(
+  "stage_ratio", None, "Stage capacity ratio of the buckets (default: serialization's)."
+)
 _IMPLEMENTATION = flags.DEFINE_enum(
   "implementation",
   None,
@@ -309,6 +312,7 @@ def synthetic_bucket(rng, index: int, settings: dict) -> dict:
     num_stages=settings["num_stages"],
     patch_size=settings["patch_size"],
     capacities=capacities or [settings["capacity"]],
+    stage_ratio=settings["stage_ratio"],
     pairs_point=pairs_point,
     pairs_camera=pairs_camera,
     pairs_uv=pairs_uv,
@@ -324,7 +328,7 @@ def make_batches(config, settings: dict) -> tuple[list[dict], dict]:
   transform = input_pipeline.Transform(
     {
       "patch_size": settings["patch_size"],
-      "stage_ratio": serialization.DEFAULT_STAGE_RATIO,
+      "stage_ratio": settings["stage_ratio"],
       "num_stages": settings["num_stages"],
     },
     inp.capacity,
@@ -495,13 +499,14 @@ def _settings() -> tuple:
       config.mesh.data = math.gcd(config.input.batch_size, jax.device_count())
   variant = config.model.variant
   num_stages = len(point_encoder.VARIANTS[variant][0])
+  ratio = _value(_RATIO, serialization.DEFAULT_STAGE_RATIO)
   settings = {
     "config": _CONFIG.value,
     "variant": variant,
     "batch_size": config.input.batch_size,
     "capacity": config.input.capacity,
     "stage_capacities": serialization.stage_capacities(
-      config.input.capacity, num_stages, config.model.patch_size
+      config.input.capacity, num_stages, config.model.patch_size, ratio
     ),
     "num_pairs": config.input.num_pairs,
     "patch_size": config.model.patch_size,
@@ -515,6 +520,7 @@ def _settings() -> tuple:
     "implementation": config.loss.implementation,
     "optimizer": config.optimizer.name,
     "voxel_size": _value(_VOXEL),
+    "stage_ratio": ratio,
     "mesh_data": config.mesh.data,
     "steps": _value(_STEPS),
     "warmup": _value(_WARMUP),

@@ -53,7 +53,8 @@ def test_smoke_writes_every_field(smoke):
   settings = result["settings"]
   assert settings["variant"] == "tiny" and settings["batch_size"] == 2 and settings["smoke"]
   assert settings["implementation_resolved"] == "xla" and settings["dtype"] == "bfloat16"
-  assert settings["stage_capacities"] == [4096, 3072]
+  # Stage 1: round_up(4096 * ratio, 256), restated.
+  assert settings["stage_capacities"] == [4096, -(-4096 * settings["stage_ratio"] // 256) * 256]
   assert stdout.startswith("| metric | value |") and "| steps/s |" in stdout
 
 
