@@ -145,11 +145,19 @@ def predict_voxels(
     progress.close()
 
 
-def point_predictions(record: Mapping[str, Any], voxel_pred: np.ndarray) -> np.ndarray:
-  """(N,) prediction of every original point: its voxel's, 0 where the voxel was dropped."""
-  point_to_voxel = np.asarray(record["point_to_voxel"])
-  voxel_pred = np.asarray(voxel_pred)
-  return np.where(point_to_voxel >= 0, voxel_pred[np.maximum(point_to_voxel, 0)], 0)
+def point_values(point_to_voxel: np.ndarray, per_voxel: np.ndarray, fill=0) -> np.ndarray:
+  """(N, ...) the value of every original point's voxel; `fill` where the voxel was dropped.
+
+  Args:
+    point_to_voxel: (N,) a bucket's stage-0 slot of each point, -1 if dropped.
+    per_voxel: (C0, ...) values per slot (predictions, features, scores).
+    fill: the value of points without a voxel (0: no prediction, a wrong answer).
+  """
+  point_to_voxel = np.asarray(point_to_voxel)
+  per_voxel = np.asarray(per_voxel)
+  out = per_voxel[np.maximum(point_to_voxel, 0)].astype(np.result_type(per_voxel, fill))
+  out[point_to_voxel < 0] = fill
+  return out
 
 
 def segmentation(
@@ -194,7 +202,7 @@ def segmentation(
         f"{_store_name(buckets)}: scan {record['token']!r} has no labels; "
         "segmentation is scored on labelled splits only"
       )
-    point_pred = point_predictions(record, voxel_pred)
+    point_pred = point_values(record["point_to_voxel"], voxel_pred)
     confusion += segmentation_lib.confusion_matrix(point_pred, record["point_labels"], num_classes)
     num_scans += 1
   if not num_scans:

@@ -32,7 +32,7 @@ from matplotlib import cm
 from matplotlib import colors as mcolors
 from PIL import Image
 
-from reldistill_jax import classes, input_pipeline, pairs, report
+from reldistill_jax import classes, evaluate, input_pipeline, pairs, report
 from reldistill_jax.evaluators import structural_gap
 
 
@@ -133,11 +133,8 @@ def voxel_features(model, params, bucket: Mapping[str, Any], transform) -> np.nd
 
 
 def point_values(scan: Scan, per_voxel: np.ndarray, fill=np.nan) -> np.ndarray:
-  """(N, ...) the value of each point's voxel; `fill` where the voxel was dropped."""
-  per_voxel = np.asarray(per_voxel)
-  out = per_voxel[np.maximum(scan.point_to_voxel, 0)].astype(np.result_type(per_voxel, fill))
-  out[scan.point_to_voxel < 0] = fill
-  return out
+  """(N, ...) the value of each point's voxel (`evaluate.point_values`); `fill` where dropped."""
+  return evaluate.point_values(scan.point_to_voxel, per_voxel, fill)
 
 
 def pca_colours(features: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
