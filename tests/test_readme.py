@@ -64,7 +64,7 @@ def _is_multiprocess(command: str) -> bool:
 LONG = {
   # command prefix -> the tests that cover it
   "python -m reldistill_jax.main --config configs/default.py": "tests/test_default.py",
-  "python -m reldistill_jax.study": "tests/test_default.py",
+  "python -m reldistill_jax.study": "tests/test_notebooks.py",  # 03 runs study.run_study
   "python benchmarks/": "tests/test_benchmarks_*.py",
 }
 
