@@ -6,7 +6,7 @@
 The pipeline is the one pretraining reads: `train.open_data` (the bucket store
 through `records.ShardedReader`, the teacher feature store, the
 `input_pipeline.Transform` with the config's augmentation and pair sampling,
-`input_pipeline.dataset`'s shuffle, repeat and batch) and `train.process_dataset`
+`input_pipeline.dataset`'s shuffle, repeat and batch) and `input_pipeline.process_dataset`
 (grain `to_iter_dataset` with `config.input.num_threads` threads and
 `config.input.prefetch` batches of read-ahead), with the config of
 `configs/pretrain.py` (`--config`; batch 16, capacity 32,768, 4,096 pair slots
@@ -58,7 +58,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from configs import pretrain  # noqa: E402
-from reldistill_jax import hardware, input_pipeline, records, train  # noqa: E402
+from reldistill_jax import cli, hardware, input_pipeline, records, train  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", "input_pipeline.json", "JSON output file.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny world, batch 2, 2 timed batches (tests).")
@@ -308,4 +308,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from reldistill_jax import hardware, losses
+from reldistill_jax import cli, hardware, losses
 from reldistill_jax import sharded_losses as sl
 
 _OUT = flags.DEFINE_string("out", "losses.json", "JSON output file.")
@@ -279,4 +279,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

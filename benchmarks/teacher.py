@@ -19,9 +19,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from reldistill_jax import hardware
+from reldistill_jax import cli, hardware
 from reldistill_jax.models import vit
 
 _OUT = flags.DEFINE_string("out", "teacher.json", "JSON output file.")
@@ -97,4 +97,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

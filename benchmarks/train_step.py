@@ -3,10 +3,10 @@
   python benchmarks/train_step.py --out train_step.json
 
 The step is the one `reldistill_jax.train.train_and_evaluate` trains with:
-`train.update_step` with the model of `train.make_model`, the optimizer of
+`train.update_step` with the model of `runtime.make_model`, the optimizer of
 `train.make_optimizer` and the loss of `train.make_loss` (the relational loss
 over every pair of the batch, in `shard_map` row blocks), jitted on the mesh of
-`train.make_mesh` with the same shardings (state replicated, batch on the
+`runtime.make_mesh` with the same shardings (state replicated, batch on the
 `data` axis) and the state donated. The config is `configs/pretrain.py` with
 `--config` (default `loss=relational,teacher=clip_vitb16,dataset=nuscenes`: the
 `base` encoder, batch 16, bfloat16, capacity 32,768, patch 1,024, 4,096 pair
@@ -122,8 +122,10 @@ from configs import pretrain  # noqa: E402
 from data_prep import geometry, resources  # noqa: E402
 from reldistill_jax import (  # noqa: E402
   classes,
+  cli,
   hardware,
   input_pipeline,
+  runtime,
   serialization,
   sharded_losses,
   train,
@@ -547,7 +549,7 @@ def _time(fn, args_of, steps: int) -> list[float]:
 
 def run(config, settings: dict) -> dict:
   """Builds the data, compiles and times the step (and the encoder); returns the results."""
-  mesh = train.make_mesh(config)
+  mesh = runtime.make_mesh(config)
   if config.input.batch_size % mesh.shape["data"]:
     raise app.UsageError(
       f"batch size {config.input.batch_size} is not divisible by the {mesh.shape['data']} "
@@ -561,7 +563,7 @@ def run(config, settings: dict) -> dict:
   data_stats["build_s"] = time.perf_counter() - start
   batches = [input_pipeline.to_device(b, data_sharding) for b in host_batches]
 
-  model = train.make_model(config)
+  model = runtime.make_model(config)
   tx, schedule = train.make_optimizer(config)
   loss_fn = train.make_loss(config, mesh)
   example = {k: v[:1] for k, v in host_batches[0].items() if k not in input_pipeline.HOST_KEYS}
@@ -830,4 +832,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -19,6 +19,7 @@ from absl import app, flags, logging
 
 from data_prep import nuscenes
 from data_prep.builders import BUILDERS
+from reldistill_jax import cli, errors
 
 
 def define_flags() -> None:
@@ -38,17 +39,17 @@ def build(builder: str, manual_dir: str, data_dir: str, config: str | None = Non
     The folders written (or reused).
   """
   if builder not in BUILDERS:
-    raise ValueError(f"unknown builder {builder!r}; choose from {sorted(BUILDERS)}")
+    raise errors.ConfigError(f"unknown builder {builder!r}; choose from {sorted(BUILDERS)}")
   manual = pathlib.Path(manual_dir)
   if not manual.is_dir():
-    raise FileNotFoundError(f"{manual}: --manual_dir does not exist")
+    raise FileNotFoundError(f"{manual}: --manual_dir does not exist (give the raw dataset folder)")
   configs: list[str | None] = [config]
   if builder == "nuscenes_lidarseg" and config is None:
     configs = nuscenes.available_versions(manual)
     if not configs:
       raise nuscenes.DatarootError(f"{manual}: no version folder (v1.0-*/scene.json) found")
   elif builder == "semantic_kitti" and config is not None:
-    raise ValueError("semantic_kitti has no configs; drop --config")
+    raise errors.ConfigError("semantic_kitti has no configs; drop --config")
   written = []
   for name in configs:
     cls = BUILDERS[builder]
@@ -58,13 +59,11 @@ def build(builder: str, manual_dir: str, data_dir: str, config: str | None = Non
       known = {c.name: c for c in cls.BUILDER_CONFIGS}
       cfg = known.get(name) or tfds.core.BuilderConfig(name=name, description=f"nuScenes {name}.")
       dataset = cls(data_dir=data_dir, config=cfg, file_format="array_record")
-    logging.info("building %s%s into %s", builder, f"/{name}" if name else "", dataset.data_dir)
     dataset.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=str(manual))
     )
     splits = {k: v.num_examples for k, v in dataset.info.splits.items()}
     logging.info("%s: %s", dataset.data_dir, splits)
-    print(f"{dataset.data_dir}: {splits}")
     written.append(dataset.data_dir)
   return written
 
@@ -74,9 +73,10 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(
       f"usage: python -m data_prep.build {{{','.join(BUILDERS)}}} --manual_dir ..."
     )
-  build(argv[1], flags.FLAGS.manual_dir, flags.FLAGS.data_dir, flags.FLAGS.config)
+  for folder in build(argv[1], flags.FLAGS.manual_dir, flags.FLAGS.data_dir, flags.FLAGS.config):
+    print(folder)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -19,7 +19,7 @@ from absl import logging
 from PIL import Image
 
 from data_prep import geometry, pointfiles
-from reldistill_jax import classes
+from reldistill_jax import classes, errors
 
 # Tables the builder cannot work without; `lidarseg` is optional (no labels).
 REQUIRED_TABLES = (
@@ -35,7 +35,7 @@ LIDAR_CHANNEL = "LIDAR_TOP"
 POINT_DIMS = 5  # x, y, z, intensity, ring
 
 
-class DatarootError(ValueError):
+class DatarootError(errors.DataError):
   """A nuScenes dataroot is missing a file or holds a malformed one."""
 
 

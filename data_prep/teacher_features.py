@@ -14,9 +14,15 @@ record per sample holding its six cameras (`reldistill_jax.feature_store`):
   OUT/manifest.json    teacher, weights sha256, image size, grid, feature
                        dim, normalisation, dtype, builder, split; index
 
-Shards are written atomically and a re-run skips the shards already written;
-a run whose teacher, weights or sizes differ from OUT's manifest is refused.
-The synthetic teacher's --weights is the synthetic world's dataroot.
+  python -m data_prep.teacher_features --out OUT --verify
+
+Shards are written atomically; a re-run verifies the shards already written
+(size and sha256 in the manifest), rewrites a damaged one (logged, naming it)
+and skips the rest; a run whose teacher, weights or sizes differ from OUT's
+manifest is refused. `--verify` only checks OUT and reports. A non-finite
+feature (NaN, inf, or a value beyond float16's range) stops the run naming the
+sample and the camera. The synthetic teacher's --weights is the synthetic
+world's dataroot.
 """
 
 import concurrent.futures
@@ -29,22 +35,21 @@ import tqdm
 from absl import app, flags, logging
 from PIL import Image
 
-from reldistill_jax import classes, feature_store, records, teachers
+from reldistill_jax import classes, cli, errors, feature_store, records, teachers
 
 
 def define_flags() -> None:
   """The CLI's flags (defined only when run as a program)."""
-  flags.DEFINE_string("teacher", None, "Teacher name (see reldistill_jax.teachers).", required=True)
+  flags.DEFINE_string("teacher", None, "Teacher name (see reldistill_jax.teachers).")
   flags.DEFINE_string("weights", None, "Checkpoint folder/file (synthetic: the world's dataroot).")
-  flags.DEFINE_string("data_dir", None, "Folder of built TFDS datasets.", required=True)
-  flags.DEFINE_string(
-    "builder", None, "Builder name/config, e.g. nuscenes_lidarseg/v1.0-mini.", required=True
-  )
-  flags.DEFINE_string("split", None, "Split to encode.", required=True)
+  flags.DEFINE_string("data_dir", None, "Folder of built TFDS datasets.")
+  flags.DEFINE_string("builder", None, "Builder name/config, e.g. nuscenes_lidarseg/v1.0-mini.")
+  flags.DEFINE_string("split", None, "Split to encode.")
   flags.DEFINE_string("out", None, "Output folder of the feature store.", required=True)
   flags.DEFINE_string("image_size", None, "HxW to encode, e.g. 224x416 (default: the teacher's).")
   flags.DEFINE_integer("batch_size", 24, "Images per teacher call.")
   flags.DEFINE_integer("records_per_shard", 64, "Samples per output shard.")
+  flags.DEFINE_bool("verify", False, "Only check the store at --out against its manifest.")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -63,7 +68,7 @@ def decode_resized(jpeg: bytes, size: tuple[int, int], where: str) -> np.ndarray
       image = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
       return np.asarray(image)
   except OSError as e:
-    raise ValueError(f"{where}: camera image cannot be decoded ({e})") from e
+    raise errors.DataError(f"{where}: camera image cannot be decoded ({e})") from e
 
 
 def _images(source: Sequence[Mapping[str, Any]], indices: range, size, pool) -> Iterator[tuple]:
@@ -91,17 +96,13 @@ def encode_shard(
   def flush(items):
     images = np.concatenate([imgs for _, _, imgs in items])
     cams = [c for _, cs, _ in items for c in cs]
-    feats = np.asarray(teacher.dense_features(images, cams))
-    if not np.all(np.isfinite(feats)):
-      bad = [t for t, _, _ in items]
-      raise FloatingPointError(f"{teacher.name} produced non-finite features for samples {bad}")
+    feats = np.asarray(teacher.dense_features(images, cams)).astype(feature_store.DTYPE)
     per_sample = len(classes.NUSCENES_CAMERAS)
     for k, (token, _, _) in enumerate(items):
+      record = {"token": token, "features": feats[k * per_sample : (k + 1) * per_sample]}
+      feature_store.check_finite(record, f"{teacher.name} features")
       progress.update()
-      yield {
-        "token": token,
-        "features": feats[k * per_sample : (k + 1) * per_sample].astype(np.float16),
-      }
+      yield record
 
   samples_per_batch = max(1, batch_size // len(classes.NUSCENES_CAMERAS))
   for item in _images(source, indices, size, pool):
@@ -126,7 +127,7 @@ def write_store(
   """Encodes every sample of `source` into the store `out` (resuming); returns its manifest."""
   size = image_size or teacher.default_image_size
   if not len(source):
-    raise ValueError(f"{builder} split {split} holds no samples")
+    raise errors.DataError(f"{builder} split {split} holds no samples")
   config = feature_store.store_config(teacher, size, builder, split, len(source), records_per_shard)
   num_shards = -(-len(source) // records_per_shard)
   writer = records.ShardedWriter(out, config, num_shards, name=feature_store.STORE_NAME)
@@ -135,7 +136,14 @@ def write_store(
     for s in writer.pending
   ]
   logging.info("%s: %d samples, %d of %d shards to write", out, len(source), len(todo), num_shards)
-  progress = tqdm.tqdm(total=sum(map(len, todo)), unit="sample", desc=f"{teacher.name} features")
+  total = sum(map(len, todo))
+  # Drawn on a terminal only (disable=None: off when stderr is not a TTY).
+  progress = tqdm.tqdm(
+    total=total,
+    unit="sample",
+    desc=f"{teacher.name} features",
+    disable=True if not total else None,  # a terminal only
+  )
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
     for shard, indices in zip(writer.pending, todo, strict=True):
       writer.write_shard(
@@ -151,8 +159,17 @@ def main(argv: Sequence[str]) -> None:
   from data_prep import builders  # TFDS import kept out of `--help`
 
   f = flags.FLAGS
+  if f.verify:
+    print(records.check_store(f.out))
+    return
+  for name in ("teacher", "data_dir", "builder", "split"):
+    if f[name].value is None:
+      raise app.UsageError(f"--{name} is required")
+  try:
+    size = parse_size(f.image_size) if f.image_size else None
+  except ValueError as e:
+    raise app.UsageError(f"--image_size: {e}") from None
   teacher = teachers.load(f.teacher, f.weights)
-  size = parse_size(f.image_size) if f.image_size else None
   source = builders.data_source(f.data_dir, f.builder, f.split)
   manifest = write_store(
     teacher, source, f.out, f.builder, f.split, size, f.batch_size, f.records_per_shard
@@ -162,4 +179,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
-from reldistill_jax import prompts, teachers
+from reldistill_jax import cli, prompts, teachers
 
 
 def define_flags() -> None:
@@ -72,4 +72,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

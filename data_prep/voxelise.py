@@ -17,12 +17,19 @@ the images) and writes one bucket record per scan (keys: the docstring of
                                             content, builder, split), shards,
                                             token -> [shard, position] index
 
+  python -m data_prep.voxelise --out OUT --verify
+
 Shards are built in parallel worker processes and written atomically; a re-run
-with the same flags skips the shards already written, and a run whose flags
-differ from the store's config in OUT is refused. Scans with NaN/inf
-coordinates or no points stop the run with an error naming the token. Scans
-whose voxels overflow the largest capacity lose their farthest voxels (the
-overflow policy of `build_bucket`), logged per scan and summarised at the end.
+with the same flags verifies the shards already written (size and sha256 in
+the manifest), rewrites a damaged one (logged, naming it) and skips the rest,
+and a run whose flags differ from the store's config in OUT is refused.
+`--verify` only checks OUT and reports (exit status 2 when a shard is damaged).
+Scans with NaN/inf coordinates or no points stop the run with an error naming
+the token. Scans whose voxels overflow the largest capacity lose their farthest
+voxels (the overflow policy of `build_bucket`), logged per scan and summarised
+at the end. Scans without labels are counted in the manifest
+(`stats.labelled_scans`) and a warning names how many: such a store serves
+pretraining, not fine-tuning or evaluation.
 """
 
 import collections
@@ -36,7 +43,7 @@ import numpy as np
 import tqdm
 from absl import app, flags, logging
 
-from reldistill_jax import records, serialization
+from reldistill_jax import cli, errors, records, serialization
 
 STORE_NAME = "buckets"
 
@@ -74,6 +81,7 @@ def define_flags() -> None:
   )
   flags.DEFINE_integer("records_per_shard", 64, "Scans per output shard.")
   flags.DEFINE_integer("workers", 0, "Worker processes (0: one per CPU core).")
+  flags.DEFINE_bool("verify", False, "Only check the store at --out against its manifest.")
 
 
 def bucket_config(
@@ -182,20 +190,25 @@ def _init_worker(open_source: Callable[[], Sequence], config: Mapping[str, Any])
   _worker["config"] = config
 
 
-def _write_shard(shard: int, path: str) -> tuple[int, list[str], list[tuple[int, int]]]:
-  """Buckets the scans of one shard into `path`; returns (shard, tokens, stats)."""
+def _write_shard(shard: int, path: str) -> tuple[int, dict, list[tuple[int, int, bool]]]:
+  """Buckets the scans of one shard into `path`.
+
+  Returns:
+    (shard, what `records.write_shard_file` returned, (capacity, dropped
+    voxels, has labels) of every scan).
+  """
   source, config = _worker["source"], _worker["config"]
   per_shard = config["records_per_shard"]
-  stats = []  # (capacity, dropped voxels) per scan
+  scans = []
 
   def buckets():
     for i in range(shard * per_shard, min(len(source), (shard + 1) * per_shard)):
       bucket = bucket_of_scan(source[i], config)
-      stats.append((bucket["capacity"], bucket["num_dropped_voxels"]))
+      scans.append((bucket["capacity"], bucket["num_dropped_voxels"], bucket["has_labels"]))
       yield bucket
 
-  tokens = records.write_shard_file(path, buckets())
-  return shard, tokens, stats
+  written = records.write_shard_file(path, buckets())
+  return shard, written, scans
 
 
 def voxelise_split(
@@ -222,9 +235,12 @@ def voxelise_split(
   """
   source = open_source()
   if len(source) != config["num_scans"]:
-    raise ValueError(f"config says {config['num_scans']} scans, the source has {len(source)}")
+    raise errors.DataError(
+      f"{config['builder']} split {config['split']}: the config says {config['num_scans']} "
+      f"scans, the source has {len(source)}"
+    )
   if not len(source):
-    raise ValueError("the split holds no scans")
+    raise errors.DataError(f"{config['builder']} split {config['split']} holds no scans")
   num_shards = -(-len(source) // config["records_per_shard"])
   writer = records.ShardedWriter(out, config, num_shards, name=STORE_NAME)
   pending = writer.pending
@@ -239,7 +255,14 @@ def voxelise_split(
     workers,
   )
   capacities, dropped = collections.Counter(), []
-  progress = tqdm.tqdm(total=sum(todo.values()), unit="scan", desc=f"voxelise {config['split']}")
+  total = sum(todo.values())
+  # Drawn on a terminal only (disable=None: off when stderr is not a TTY).
+  progress = tqdm.tqdm(
+    total=total,
+    unit="scan",
+    desc=f"voxelise {config['split']}",
+    disable=True if not total else None,  # a terminal only
+  )
   jobs = [(s, writer.shard_path(s)) for s in pending]
   if workers <= 1 or len(pending) <= 1:
     _init_worker(lambda: source, config)
@@ -251,10 +274,14 @@ def voxelise_split(
     pool = context.Pool(min(workers, len(pending)), _init_worker, (open_source, config))
     results = pool.imap_unordered(_unpack_write_shard, jobs)
   try:
-    for shard, tokens, stats in results:
-      writer.mark_complete(shard, tokens)
+    for shard, written, scans in results:
+      stats = {
+        "labelled_scans": sum(labelled for _, _, labelled in scans),
+        "dropped_voxels": sum(num_dropped for _, num_dropped, _ in scans),
+      }
+      writer.mark_complete(shard, written, stats)
       progress.update(todo[shard])
-      for capacity, num_dropped in stats:
+      for capacity, num_dropped, _ in scans:
         capacities[capacity] += 1
         if num_dropped:
           dropped.append(num_dropped)
@@ -276,6 +303,13 @@ def voxelise_split(
       sum(dropped),
       max(dropped),
     )
+  unlabelled = manifest["num_records"] - manifest["stats"].get("labelled_scans", 0)
+  if unlabelled:
+    logging.warning(
+      "%s: %d of %d scans of %s split %s have no labels (the dataset was built without its "
+      "label files): the store serves pretraining, not fine-tuning or evaluation",
+      out, unlabelled, manifest["num_records"], config["builder"], config["split"],
+    )  # fmt: skip
   return manifest
 
 
@@ -287,28 +321,31 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
+  if f.verify:
+    if f.out is None:
+      raise app.UsageError("--verify needs --out")
+    print(records.check_store(f.out))
+    return
   for name in ("data_dir", "builder", "split", "out"):
     if f[name].value is None:
       raise app.UsageError(f"--{name} is required")
+  try:  # the flags first, before the data is opened
+    config_of = functools.partial(
+      bucket_config, f.builder, f.split, voxel_size=f.voxel_size, grid=f.grid,
+      cylindrical_voxel_size=[float(v) for v in f.cylindrical_voxel_size], curves=f.curves,
+      num_stages=f.num_stages, patch_size=f.patch_size,
+      capacities=[int(c) for c in f.capacities], stage_ratio=f.stage_ratio,
+      records_per_shard=f.records_per_shard,
+    )  # fmt: skip
+    config_of(0)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   open_source = functools.partial(open_builder_split, f.data_dir, f.builder, f.split)
-  config = bucket_config(
-    f.builder,
-    f.split,
-    len(open_source()),
-    voxel_size=f.voxel_size,
-    grid=f.grid,
-    cylindrical_voxel_size=[float(v) for v in f.cylindrical_voxel_size],
-    curves=f.curves,
-    num_stages=f.num_stages,
-    patch_size=f.patch_size,
-    capacities=[int(c) for c in f.capacities],
-    stage_ratio=f.stage_ratio,
-    records_per_shard=f.records_per_shard,
-  )
+  config = config_of(len(open_source()))
   manifest = voxelise_split(open_source, f.out, config, f.workers or os.cpu_count() or 1)
   print(f"{f.out}: {manifest['num_records']} buckets in {manifest['num_shards']} shards")
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -13,6 +13,8 @@ across processes by default (`jax_cpu_collectives_implementation`).
 import jax
 from absl import logging
 
+from reldistill_jax import errors
+
 
 def initialize(
   coordinator_address: str | None = None,
@@ -45,7 +47,7 @@ def initialize(
   except ValueError as e:
     if "defined" not in str(e):  # not a setting JAX could not detect
       raise
-    raise ValueError(
+    raise errors.ConfigError(
       f"jax.distributed.initialize: {e} No cluster (Cloud TPU pod slice, SLURM, Open MPI) "
       "was detected to tell it: pass --coordinator_address, --num_processes and --process_id"
     ) from e
@@ -73,7 +75,7 @@ def batch_slice(sharding: jax.sharding.Sharding, batch_size: int) -> tuple[int, 
   """
   indices = sharding.addressable_devices_indices_map((batch_size,))
   if not indices:
-    raise ValueError(
+    raise errors.ConfigError(
       f"process {jax.process_index()} holds none of the mesh's devices: the data axis must "
       "span every process (config.mesh.data = -1)"
     )
@@ -84,7 +86,7 @@ def batch_slice(sharding: jax.sharding.Sharding, batch_size: int) -> tuple[int, 
   covered = sum(b - a for a, b in rows)
   size = stop - start
   if covered != size or batch_size % size or start % size:
-    raise ValueError(
+    raise errors.ConfigError(
       f"process {jax.process_index()} holds rows {rows} of a batch of {batch_size}: not one "
       "contiguous equal block per process"
     )

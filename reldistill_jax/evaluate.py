@@ -30,7 +30,7 @@ import tqdm
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from reldistill_jax import feature_store, input_pipeline, pairs, records
+from reldistill_jax import errors, feature_store, input_pipeline, pairs, records
 from reldistill_jax.evaluators import segmentation as segmentation_lib
 from reldistill_jax.evaluators import structural_gap as gap_lib
 from reldistill_jax.evaluators import zeroshot
@@ -118,7 +118,10 @@ def predict_voxels(
   ds = ds.batch(batch_size, drop_remainder=False, batch_fn=_batch_fn(batch_size))
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)
 
-  progress = tqdm.tqdm(total=len(buckets), unit="scan", desc=desc, disable=jax.process_index() != 0)
+  # Drawn on a terminal only (None: off when stderr is not a TTY), by the first process.
+  progress = tqdm.tqdm(
+    total=len(buckets), unit="scan", desc=desc, disable=None if jax.process_index() == 0 else True
+  )
 
   def outputs(pending):
     batch_records, out = pending
@@ -198,7 +201,7 @@ def segmentation(
     apply_fn, params, buckets, transform, batch_size, mesh, desc="segmentation"
   ):
     if not record["has_labels"]:
-      raise ValueError(
+      raise errors.DataError(
         f"{_store_name(buckets)}: scan {record['token']!r} has no labels; "
         "segmentation is scored on labelled splits only"
       )
@@ -206,7 +209,7 @@ def segmentation(
     confusion += segmentation_lib.confusion_matrix(point_pred, record["point_labels"], num_classes)
     num_scans += 1
   if not num_scans:
-    raise ValueError(f"{_store_name(buckets)}: the split holds no scans to evaluate")
+    raise errors.DataError(f"{_store_name(buckets)}: the split holds no scans to evaluate")
   metrics = segmentation_lib.segmentation_metrics(confusion, class_names, empty)
   return metrics | {"num_scans": num_scans}
 
@@ -343,7 +346,7 @@ def structural_gap(
     sample.add(keys, out["k"][mask], out["q"][mask])
   k, q = sample.result()  # (N, D) each
   if len(k) < 2:
-    raise ValueError(f"{_store_name(buckets)}: {len(k)} pair(s); the gap needs at least 2")
+    raise errors.DataError(f"{_store_name(buckets)}: {len(k)} pair(s); the gap needs at least 2")
   return {
     "G": gap_lib.structural_gap(k, q, mesh=mesh),
     "cka": gap_lib.linear_cka(k, q),

@@ -18,9 +18,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
-from reldistill_jax import classes, evaluate, input_pipeline, records, report, train
+from reldistill_jax import (
+  classes,
+  config_checks,
+  errors,
+  evaluate,
+  input_pipeline,
+  records,
+  report,
+  runtime,
+)
 
 CLASS_NAMES = classes.NUSCENES_CLASSES  # the synthetic world uses them too
 
@@ -37,7 +45,7 @@ def zero_shot_metrics(
   """Zero-shot segmentation of the student `config.model` on every point of `val`.
 
   Args:
-    config: a config with `model` (`train.make_model`) and `input.capacity`,
+    config: a config with `model` (`runtime.make_model`) and `input.capacity`,
       `input.intensity_scale` (the evaluation transform's).
     params: the student's parameters.
     val: the bucket store of the validation split.
@@ -49,7 +57,7 @@ def zero_shot_metrics(
   Returns:
     The metrics of `evaluate.zero_shot`.
   """
-  model = train.make_model(config)
+  model = runtime.make_model(config)
   transform = input_pipeline.Transform(
     val.config, config.input.capacity, 0, config.input.intensity_scale
   )
@@ -67,13 +75,15 @@ def load_text_embeddings(path: str | pathlib.Path) -> np.ndarray:
   with np.load(path) as text_file:
     names = [str(n) for n in text_file["classes"]]
     if names != list(CLASS_NAMES):
-      raise ValueError(f"{path}: text embeddings of classes {names}, not the nuScenes classes")
+      raise errors.DataError(
+        f"{path}: text embeddings of classes {names}, not the nuScenes classes"
+      )
     return text_file["embeddings"]
 
 
 def _check_params(config: ml_collections.ConfigDict, params, val, checkpoint: str) -> None:
   """Fails when the checkpoint's student is not `config.model`'s, naming the field."""
-  model = train.make_model(config)
+  model = runtime.make_model(config)
   transform = input_pipeline.Transform(
     val.config, config.input.capacity, 0, config.input.intensity_scale
   )
@@ -87,21 +97,26 @@ def _check_params(config: ml_collections.ConfigDict, params, val, checkpoint: st
   differ = sorted(set(loaded) ^ set(wanted))
   differ += [k for k in wanted if k in loaded and loaded[k] != wanted[k]]
   if differ:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.checkpoint: the student in {checkpoint} does not match config.model "
       f"(variant, out_dim, ...): {len(differ)} parameters differ, e.g. {differ[:3]}"
     )
 
 
-def run_zeroshot(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+def run_zeroshot(
+  config: ml_collections.ConfigDict, workdir: str | pathlib.Path, override_config: bool = False
+) -> dict:
   """Zero-shot mIoU of `config.checkpoint`; writes metrics.json and report.md into workdir."""
   workdir = pathlib.Path(workdir)
+  config_checks.validate(config)
   val = records.ShardedReader(config.input.val_buckets)
-  train.check_patch_size(config, val)
+  runtime.check_patch_size(config, val)
+  input_pipeline.require_labels(val, "zero-shot evaluation", every=True)
   text = load_text_embeddings(config.text_embeddings)
-  params = train.load_params(config.checkpoint)
+  params = runtime.load_params(config.checkpoint)
   _check_params(config, params, val, config.checkpoint)
-  mesh = train.make_mesh(config)
+  runtime.record_config(config, workdir, override_config)
+  mesh = runtime.make_mesh(config)
   zeroshot = zero_shot_metrics(
     config, params, val, text, config.eval.batch_size, mesh, config.eval.empty
   )
@@ -114,9 +129,8 @@ def run_zeroshot(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
       "text_embeddings": str(config.text_embeddings),
     },
   }
-  written = report.write_report(workdir, metrics, title="reldistill-jax: zero-shot segmentation")
-  logging.info("zero-shot mIoU %.4f on %d scans", zeroshot["miou"], zeroshot["num_scans"])
-  print(f"zero-shot mIoU {zeroshot['miou']:.3f}\nreport: {written['report'].absolute()}")
+  report.write_report(workdir, metrics, title="reldistill-jax: zero-shot segmentation")
+  report.print_results("zero-shot", {"zero-shot mIoU": report.describe_miou(zeroshot)}, workdir)
   return metrics
 
 
@@ -147,7 +161,7 @@ def gap_row(run: str | pathlib.Path) -> dict:
     for key in keys:
       if not isinstance(value, dict) or key not in value:
         if required:
-          raise ValueError(f"{run}: metrics.json has no {'/'.join(keys)}")
+          raise errors.DataError(f"{run}: metrics.json has no {'/'.join(keys)}")
         value = None
         break
       value = value[key]
@@ -159,18 +173,30 @@ def split_runs(runs: str) -> list[str]:
   """The run folders of a comma-separated `config.runs`."""
   folders = [run.strip() for run in runs.split(",") if run.strip()]
   if not folders:
-    raise ValueError(f"config.runs={runs!r} names no run folder")
+    raise errors.ConfigError(f"config.runs={runs!r} names no run folder")
   return folders
 
 
-def run_gap(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+def run_gap(
+  config: ml_collections.ConfigDict, workdir: str | pathlib.Path, override_config: bool = False
+) -> dict:
   """The gap study of `config.runs`; returns it and writes metrics.json, report.md and the scatter plot."""
+  config_checks.validate(config)
   rows = [gap_row(run) for run in split_runs(config.runs)]
+  runtime.record_config(config, workdir, override_config)
   written = report.write_report(
     workdir, {"runs": rows}, gap_rows=rows, title="reldistill-jax: structural gap vs mIoU"
   )
   study = json.loads(written["metrics"].read_text())["gap_study"]
-  for target, result in study.items():
-    logging.info("G vs %s: %s", target, result)
-  print(f"gap study of {len(rows)} runs\nreport: {written['report'].absolute()}")
+  results = {f"G vs {target}": _correlation(result) for target, result in study.items()}
+  report.print_results(f"gap study of {len(rows)} runs", results, workdir)
   return {"runs": rows, "gap_study": study}
+
+
+def _correlation(result: dict) -> str:
+  if result["note"]:
+    return f"no correlation ({result['note']})"
+  return (
+    f"Pearson r {result['pearson_r']:.2f} (p {result['pearson_p']:.2g}), Spearman rho "
+    f"{result['spearman_rho']:.2f} (p {result['spearman_p']:.2g}), n {result['n']}"
+  )

@@ -21,11 +21,28 @@ from typing import Any
 
 import numpy as np
 
-from reldistill_jax import classes, records
+from reldistill_jax import classes, errors, records
 
 STORE_NAME = "features"
 STORE_VERSION = 1
 DTYPE = "float16"
+
+
+def check_finite(record: Mapping[str, Any], where: str) -> None:
+  """Refuses a feature record holding NaN or inf, naming its sample and camera.
+
+  Raises:
+    records.RecordError: naming `where`, the sample and every camera at fault.
+  """
+  features = record["features"]
+  finite = np.isfinite(features).reshape(len(features), -1).all(axis=1)  # (cameras,)
+  if not finite.all():
+    cameras = [classes.NUSCENES_CAMERAS[c] for c in np.flatnonzero(~finite)]
+    raise records.RecordError(
+      f"{where}: sample {record['token']} holds non-finite features (NaN, inf, or beyond "
+      f"float16's range) for {', '.join(cameras)}; rewrite the store (check the teacher's "
+      "weights and images)"
+    )
 
 
 def store_config(
@@ -39,7 +56,7 @@ def store_config(
   """The manifest config of a store written by `teacher` (see module docstring)."""
   height, width = image_size
   if height % teacher.patch_size or width % teacher.patch_size:
-    raise ValueError(
+    raise errors.ConfigError(
       f"image size {height}x{width} is not a multiple of {teacher.name}'s patch size "
       f"{teacher.patch_size}"
     )
@@ -91,6 +108,7 @@ class FeatureStore:
         f"{self.path}: record {record['token']} holds features {features.shape} "
         f"{features.dtype}, the manifest says {self.shape} {DTYPE}"
       )
+    check_finite(record, self.path)
     return dict(record)
 
   def __getitem__(self, index: int) -> dict[str, Any]:

@@ -11,9 +11,9 @@ no running statistics, so nothing else needs freezing. After
 `config.num_epochs` epochs of the training subset the model is scored on every
 point of the validation store (`evaluate.segmentation`).
 
-Read top to bottom like `train.py` (whose mesh, data, checkpoint and health
-helpers it shares): mesh -> data -> model and optimizer (shape first, then
-initialised replicated) -> update step -> restore -> loop -> evaluation.
+Read top to bottom like `train.py` (both build on `runtime.py`): checks ->
+mesh and data -> model and optimizer (shape first, then initialised
+replicated) -> update step -> restore -> loop -> evaluation and report.
 
 The train state is a plain pytree {"params": {"encoder": the student's
 variables, "head": the head's}, "opt_state", "step"}; checkpoints also hold
@@ -37,17 +37,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from reldistill_jax import (
+  config_checks,
   distributed,
+  errors,
   evaluate,
   input_pipeline,
   records,
   report,
+  runtime,
   serialization,
-  train,
 )
-
-MODES = ("finetune", "linear")
-
 
 # ----------------------------------------------------------------------------
 # Loss.
@@ -191,7 +190,7 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
   def sgd(lr):
     schedule = optax.cosine_decay_schedule(lr, max(num_steps, 1))
     tx = optax.chain(
-      optax.add_decayed_weights(opt.weight_decay, mask=train.weight_decay_mask),
+      optax.add_decayed_weights(opt.weight_decay, mask=runtime.weight_decay_mask),
       optax.sgd(schedule, momentum=opt.momentum),
     )
     return tx, schedule
@@ -243,11 +242,11 @@ def load_encoder(checkpoints: str | pathlib.Path, abstract_encoder, sharding):
   flat = lambda tree: {
     jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
   }
-  loaded, wanted = flat(train.load_params(checkpoints)), flat(abstract_encoder)
+  loaded, wanted = flat(runtime.load_params(checkpoints)), flat(abstract_encoder)
   differ = sorted(set(loaded) ^ set(wanted))
   differ += [k for k in wanted if k in loaded and tuple(loaded[k].shape) != wanted[k].shape]
   if differ:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.checkpoint.init_from: the student in {checkpoints} does not match config.model "
       f"(variant, out_dim, ...): {len(differ)} parameters differ, e.g. {differ[:3]}"
     )
@@ -265,98 +264,101 @@ def _steps(config: ml_collections.ConfigDict, num_scans: int) -> int:
 # ----------------------------------------------------------------------------
 
 
-def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Fine-tunes (or linearly probes) the student of `config` in `workdir` and scores it.
+def open_data(config: ml_collections.ConfigDict, data_sharding):
+  """The labelled training subset and the validation store, checked; this process's iterator.
+
+  The stores are named by their builder split, so a store of another subset is
+  refused; both must hold labels.
 
   Returns:
-    {"state", "measurements" (the last logged), "history" (every logged
-    step), "num_steps", "metrics": `evaluate.segmentation` on the validation
-    store (None when SIGTERM stopped the run early)}. The metrics are also
-    logged and written to `workdir/metrics.json` and `workdir/report.md`.
+    (iterator, buckets, val_buckets).
   """
-  workdir = pathlib.Path(workdir)
-  if config.mode not in MODES:
-    raise ValueError(f"config.mode: unknown mode {config.mode!r}; choose from {MODES}")
-  class_names = tuple(config.class_names)
-  if len(class_names) != config.num_classes:
-    raise ValueError(
-      f"config.num_classes {config.num_classes} but {len(class_names)} config.class_names"
-    )
-
-  # Mesh.
-  mesh = train.make_mesh(config)
-  replicated = NamedSharding(mesh, P())
-  data_sharding = NamedSharding(mesh, P("data"))
   inp = config.input
-  for field, size in (
-    ("input.batch_size", inp.batch_size),
-    ("eval.batch_size", config.eval.batch_size),
-  ):
-    if size % mesh.shape["data"]:
-      raise ValueError(
-        f"config.{field} {size} is not divisible by the {mesh.shape['data']} devices of the "
-        "data axis"
-      )
-
-  # Data: the labelled training subset (named by its builder split, so a store
-  # of another subset is refused), shuffled and augmented every epoch.
   version = {"bucket_version": serialization.BUCKET_VERSION}
   buckets = records.ShardedReader(inp.buckets, version | {"split": inp.split})
   val_buckets = records.ShardedReader(inp.val_buckets, version | {"split": inp.val_split})
-  for store in (buckets, val_buckets):
-    train.check_patch_size(config, store)
-  workdir.mkdir(parents=True, exist_ok=True)  # only once the inputs are known good
+  for store, role in ((buckets, "fine-tuning"), (val_buckets, "evaluation")):
+    runtime.check_patch_size(config, store)
+    input_pipeline.require_labels(store, role, every=store is val_buckets)
   augment = input_pipeline.Augment(inp.augment.rotate, inp.augment.flip, tuple(inp.augment.scale))
   transform = input_pipeline.Transform(
     buckets.config, inp.capacity, 0, inp.intensity_scale, augment=augment
   )
-  iterator = iter(
-    train.process_dataset(
-      buckets, None, transform, config, *distributed.batch_slice(data_sharding, inp.batch_size)
-    )
-  )
+  ds = input_pipeline.process_dataset(
+    buckets, None, transform, inp, config.seed,
+    *distributed.batch_slice(data_sharding, inp.batch_size),
+  )  # fmt: skip
+  return iter(ds), buckets, val_buckets
+
+
+def evaluate_on(config, encoder, head, params, val_buckets, mesh) -> dict:
+  """Segmentation metrics of the fine-tuned model on every point of the validation store."""
+
+  def predict(params, batch):
+    logits = logits_fn(encoder, head, params, batch)
+    return (jnp.argmax(logits, axis=-1) + 1).astype(jnp.int32)  # (B, C0) ids 1..C
+
+  inp = config.input
+  transform = input_pipeline.Transform(val_buckets.config, inp.capacity, 0, inp.intensity_scale)
+  return evaluate.segmentation(
+    predict, params, val_buckets, transform, config.eval.batch_size, mesh,
+    tuple(config.class_names), config.eval.empty,
+  )  # fmt: skip
+
+
+def finetune_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str | pathlib.Path, override_config: bool = False
+) -> dict[str, Any]:
+  """Fine-tunes (or linearly probes) the student of `config` in `workdir` and scores it.
+
+  Args:
+    config: a `configs/finetune.py` config.
+    workdir: the run's folder (`runtime.record_config` keeps its config there).
+    override_config: accept a restart whose config differs from the workdir's.
+
+  Returns:
+    {"state", "measurements" (the last logged), "history" (every logged
+    step), "num_steps", "metrics": `evaluate.segmentation` on the validation
+    store}. The metrics are also written to `workdir/metrics.json` and
+    `workdir/report.md`.
+
+  Raises:
+    errors.Preempted: SIGTERM stopped the run after it saved a checkpoint.
+  """
+  workdir = pathlib.Path(workdir)
+  config_checks.validate(config)
+
+  # Mesh and data.
+  mesh = runtime.make_mesh(config)
+  data_sharding = NamedSharding(mesh, P("data"))
+  iterator, buckets, val_buckets = open_data(config, data_sharding)
+  runtime.record_config(config, workdir, override_config)  # only once the inputs are known good
   num_steps = _steps(config, len(buckets))
 
   # Model and optimizer, shape first, then initialised already replicated.
-  encoder = train.make_model(config)
-  head = make_head(config)
-  frozen = config.mode == "linear"
+  encoder, head = runtime.make_model(config), make_head(config)
   tx, schedules = make_optimizer(config, num_steps)
-  example = input_pipeline.Transform(buckets.config, inp.capacity, 0, inp.intensity_scale)(
-    buckets[0]
+  example = input_pipeline.example_batch(buckets, config.input)
+
+  abstract, state_sharding, abstract_sharded, make_state = runtime.sharded_state(
+    lambda rng: init_params(encoder, head, example, rng), tx, config.seed, mesh
   )
-  example = {k: v[None] for k, v in example.items() if k not in input_pipeline.HOST_KEYS}
-
-  def init(rng):
-    params = init_params(encoder, head, example, rng)
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
-  abstract = jax.eval_shape(init, jax.random.key(config.seed))
-  state_sharding = jax.tree.map(lambda _: replicated, abstract)
   step_fn = jax.jit(
     functools.partial(
-      update_step,
-      encoder=encoder,
-      head=head,
-      tx=tx,
-      schedules=schedules,
-      frozen=frozen,
-      lovasz_weight=config.loss.lovasz_weight,
+      update_step, encoder=encoder, head=head, tx=tx, schedules=schedules,
+      frozen=config.mode == "linear", lovasz_weight=config.loss.lovasz_weight,
     ),
     in_shardings=(state_sharding, data_sharding),
-    out_shardings=(state_sharding, replicated),
+    out_shardings=(state_sharding, NamedSharding(mesh, P())),
     donate_argnums=(0,),
-  )
+  )  # fmt: skip
 
   # Restore: the workdir's latest, else resume, else a fresh head on the
   # init_from encoder (or a random one).
-  manager = train.checkpoint_manager(workdir, config.checkpoint.keep)
-  abstract_sharded = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
-  )
-  state = train.restore_checkpoint(manager, config.checkpoint.resume, abstract_sharded, iterator)
+  manager = runtime.checkpoint_manager(workdir, config.checkpoint.keep)
+  state = runtime.restore_checkpoint(manager, config.checkpoint.resume, abstract_sharded, iterator)
   if state is None:
-    state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(config.seed))
+    state = make_state()
     if config.checkpoint.init_from:
       state["params"]["encoder"] = load_encoder(
         config.checkpoint.init_from,
@@ -365,72 +367,43 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
       )
   start = int(state["step"])
   logging.info(
-    "%s: steps %d to %d (%d epochs of %d scans, subset %s) on %s; encoder from %s",
-    config.mode,
-    start,
-    num_steps,
-    config.num_epochs,
-    len(buckets),
-    config.subset,
-    mesh,
+    "%s: steps %d to %d (%d epochs of %d scans, subset %s); encoder from %s",
+    config.mode, start, num_steps, config.num_epochs, len(buckets), config.subset,
     config.checkpoint.init_from or "random init",
-  )
+  )  # fmt: skip
 
   # Loop.
-  state, measurements, history, stopped = train.run_loop(
+  state, measurements, history = runtime.run_loop(
     state, step_fn, iterator, data_sharding, manager, workdir,
     start=start, num_steps=num_steps, log_every=config.log_every,
-    checkpoint_every=config.checkpoint.every,
+    checkpoint_every=config.checkpoint.every, name=config.mode,
   )  # fmt: skip
-  result = {
+
+  # Evaluation on every point of the validation store, and the report.
+  metrics = evaluate_on(config, encoder, head, state["params"], val_buckets, mesh)
+  logging.info("%s on %s: %s", config.mode, val_buckets.path, report.describe_miou(metrics))
+  if jax.process_index() == 0:
+    run = {"num_steps": num_steps, "train_scans": len(buckets)}
+    _write_report(config, workdir, metrics, run | {"final_train_loss": measurements.get("loss")},
+                  history)  # fmt: skip
+  return {
     "state": state,
     "measurements": measurements,
     "history": history,
     "num_steps": num_steps,
-    "metrics": None,
+    "metrics": metrics,
   }
-  if stopped:
-    return result
 
-  # Evaluation on every point of the validation store.
-  def predict(params, batch):
-    logits = logits_fn(encoder, head, params, batch)
-    return (jnp.argmax(logits, axis=-1) + 1).astype(jnp.int32)  # (B, C0) ids 1..C
 
-  eval_transform = input_pipeline.Transform(
-    val_buckets.config, inp.capacity, 0, inp.intensity_scale
-  )
-  metrics = evaluate.segmentation(
-    predict,
-    state["params"],
-    val_buckets,
-    eval_transform,
-    config.eval.batch_size,
-    mesh,
-    class_names,
-    config.eval.empty,
-  )
+def _write_report(config, workdir: pathlib.Path, metrics: dict, run: dict, history) -> None:
+  """metrics.json and report.md of a fine-tuning (or linear probing) run."""
   name = "fewshot" if config.mode == "finetune" else "linear_probe"
-  logging.info(
-    "%s on %s: mIoU %.4f (%s), accuracy %.4f over %d points of %d scans",
-    name,
-    val_buckets.path,
-    metrics["miou"],
-    metrics["empty_class_convention"],
-    metrics["accuracy"],
-    metrics["num_points"],
-    metrics["num_scans"],
-  )
-  if jax.process_index() == 0:
-    summary = {
-      name: metrics,
-      "subset": config.subset,
-      "label_fraction": config.label_fraction,
-      "mode": config.mode,
-      "init_from": config.checkpoint.init_from or "random init",
-      "num_steps": num_steps,
-      "train_scans": len(buckets),
-      "final_train_loss": measurements.get("loss", float("nan")),
-    }
-    report.write_report(workdir, summary, history=history, title=f"{name} ({config.subset})")
-  return result | {"metrics": metrics}
+  summary = {
+    name: metrics,
+    "subset": config.subset,
+    "label_fraction": config.label_fraction,
+    "mode": config.mode,
+    "init_from": config.checkpoint.init_from or "random init",
+    **run,
+  }
+  report.write_report(workdir, summary, history=history, title=f"{name} ({config.subset})")

@@ -35,7 +35,7 @@ import grain
 import jax
 import numpy as np
 
-from reldistill_jax import feature_store, records, serialization
+from reldistill_jax import errors, feature_store, records, serialization
 
 HOST_KEYS = ("token",)
 
@@ -160,17 +160,42 @@ class JoinedSource:
     return record
 
 
+def require_labels(buckets: records.ShardedReader, use: str, every: bool) -> None:
+  """Refuses a bucket store without labels for a `use` that needs them (fine-tuning, evaluation).
+
+  The voxeliser counts the labelled scans of a store in its manifest
+  (`stats.labelled_scans`); a store written before it did is not checked here
+  (evaluation still refuses an unlabelled scan when it meets one).
+
+  Args:
+    buckets: the store.
+    use: what it is for, in the message.
+    every: every scan must be labelled (evaluation), not only some (training).
+
+  Raises:
+    errors.DataError: naming the store and how many scans have labels.
+  """
+  labelled = buckets.stats.get("labelled_scans")
+  if labelled is None or labelled == len(buckets) or (labelled and not every):
+    return
+  raise errors.DataError(
+    f"{buckets.path}: {labelled} of {len(buckets)} scans have labels, and {use} needs "
+    f"{'every scan' if every else 'labelled scans'} labelled; build the dataset from a folder "
+    "holding its label files (nuScenes: lidarseg/, SemanticKITTI: labels/) and voxelise it again"
+  )
+
+
 def check_join(buckets: records.ShardedReader, store: feature_store.FeatureStore) -> None:
   """Fails before training when the two stores do not cover the same samples."""
   for key in ("builder", "split"):
     if buckets.config.get(key) != store.config.get(key):
-      raise ValueError(
+      raise errors.DataError(
         f"{buckets.path} holds {key} {buckets.config.get(key)!r} but the feature store "
         f"{store.path} was written for {store.config.get(key)!r}"
       )
   missing = sorted(set(buckets.tokens) - set(store.tokens))
   if missing:
-    raise KeyError(
+    raise errors.DataError(
       f"{store.path} has no features for {len(missing)} of the {len(buckets)} samples of "
       f"{buckets.path} (e.g. {missing[:3]}): was it written for the same builder split "
       f"({buckets.config.get('builder')}, {buckets.config.get('split')})?"
@@ -211,6 +236,46 @@ def dataset(
   else:
     ds = ds.map(transform)
   return ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=stack)
+
+
+def process_dataset(
+  buckets: records.ShardedReader,
+  store: feature_store.FeatureStore | None,
+  transform: Transform,
+  inp,
+  seed: int,
+  process_index: int,
+  process_count: int,
+) -> grain.IterDataset:
+  """Block `process_index` of `process_count` of every global batch, read ahead.
+
+  Global batch j (`inp.batch_size` examples) is the per-process batches
+  j * count ... (j + 1) * count - 1 of one shuffled, augmented stream, so each
+  process loads and augments only its own block, and the examples are those of
+  one process reading whole global batches.
+
+  Args:
+    buckets, store, transform: as `dataset`.
+    inp: the config's `input` block (`batch_size`, `num_threads`, `prefetch`).
+    seed: the run's seed.
+    process_index, process_count: this process's block (`distributed.batch_slice`).
+  """
+  per_process = inp.batch_size // process_count
+  ds = dataset(buckets, store, transform, per_process, seed=seed)
+  ds = ds[process_index::process_count]
+  options = grain.ReadOptions(num_threads=inp.num_threads, prefetch_buffer_size=inp.prefetch)
+  return ds.to_iter_dataset(options)
+
+
+def example_batch(buckets: records.ShardedReader, inp) -> dict[str, np.ndarray]:
+  """A batch of one (the store's first scan, no pairs) to initialise a model from.
+
+  Args:
+    buckets: a bucket store.
+    inp: the config's `input` block (`capacity`, `intensity_scale`).
+  """
+  example = Transform(buckets.config, inp.capacity, 0, inp.intensity_scale)(buckets[0])
+  return {k: v[None] for k, v in example.items() if k not in HOST_KEYS}
 
 
 def stack(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:

@@ -6,7 +6,10 @@ fine-tuning or linear probing, then evaluation on the validation scans),
 `default` (reldistill_jax.pipeline: the whole pipeline on the synthetic world),
 `zeroshot` (a checkpoint's zero-shot mIoU) or `gap` (the structural-gap study
 across runs; both reldistill_jax.evaluation_runs). A wrong field or value fails
-before any work, naming it.
+before any work, naming it, in one line with exit status 2 (errors.py lists the
+statuses); `--verbose` shows library logs and tracebacks. The workdir keeps
+the config a run was started with (config.json); a restart with a config that
+changes the result is refused unless `--override_config`.
 
 Reads what the config names: bucket stores (`input.buckets`,
 `input.val_buckets`), a teacher feature store (`input.features`), checkpoint
@@ -28,7 +31,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from reldistill_jax import distributed
+from reldistill_jax import cli, config_checks, distributed, errors, report
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file (configs/).", lock_config=True
@@ -55,6 +58,14 @@ _DISTRIBUTED = flags.DEFINE_bool(
 )
 
 
+_OVERRIDE = flags.DEFINE_bool(
+  "override_config",
+  False,
+  "Continue a run in --workdir although its config differs from the one it was started with "
+  "(the change is recorded in workdir/config_changes.jsonl).",
+)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -63,53 +74,48 @@ def main(argv):
   distributed.initialize(
     _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value
   )
-  logging.info(
-    "process %d of %d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
-  )
+  logging.info("process %d of %d, %d device(s)", jax.process_index(), jax.process_count(),
+               jax.device_count())  # fmt: skip
+  config_checks.validate(config)
+  workdir, override = _WORKDIR.value, _OVERRIDE.value
   if config.kind == "pretrain":
     from reldistill_jax import train
 
-    _require(config, "input.buckets", "input.features")
-    out = train.train_and_evaluate(config, _WORKDIR.value)
-    # Every process's view of the last step (equal across processes; process 0 also logs it).
+    out = train.train_and_evaluate(config, workdir, override)
+    # Every process's view of the last step (equal across processes).
     logging.info(
       "process %d of %d, last measurements: %s",
       jax.process_index(),
       jax.process_count(),
       json.dumps(out["measurements"], sort_keys=True),
     )
+    loss = out["measurements"].get("loss", float("nan"))
+    report.print_results(
+      "pretraining", {"final loss": f"{loss:.4f}", "steps": str(config.num_steps)}, workdir
+    )
   elif config.kind == "finetune":
     from reldistill_jax import finetune
 
-    _require(config, "input.buckets", "input.val_buckets")
-    finetune.finetune_and_evaluate(config, _WORKDIR.value)
+    metrics = finetune.finetune_and_evaluate(config, workdir, override)["metrics"]
+    name = "few-shot" if config.mode == "finetune" else "linear probe"
+    report.print_results(
+      f"{name} ({config.subset})", {f"{name} mIoU": report.describe_miou(metrics)}, workdir
+    )
   elif config.kind == "default":
     from reldistill_jax import pipeline
 
-    pipeline.run_default(config, _WORKDIR.value)
+    pipeline.run_default(config, workdir, override)
   elif config.kind == "zeroshot":
     from reldistill_jax import evaluation_runs
 
-    _require(config, "checkpoint", "input.val_buckets", "text_embeddings")
-    evaluation_runs.run_zeroshot(config, _WORKDIR.value)
+    evaluation_runs.run_zeroshot(config, workdir, override)
   elif config.kind == "gap":
     from reldistill_jax import evaluation_runs
 
-    _require(config, "runs")
-    evaluation_runs.run_gap(config, _WORKDIR.value)
+    evaluation_runs.run_gap(config, workdir, override)
   else:
-    raise ValueError(f"config.kind: unknown kind {config.kind!r}")
-
-
-def _require(config, *fields: str) -> None:
-  """Fails naming the first required config field left unset."""
-  for field in fields:
-    value = config
-    for part in field.split("."):
-      value = value[part]
-    if value is None:
-      raise ValueError(f"config.{field} is not set (pass --config.{field}=...)")
+    raise errors.ConfigError(f"config.kind: unknown kind {config.kind!r}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,53 +1,89 @@
-"""Training measurements to TensorBoard event files and a console progress line."""
+"""Training measurements: TensorBoard, the run's history file and one console line per interval.
 
+The history (`workdir/history.jsonl`, one JSON object per logged step) outlives
+restarts: a resumed run keeps the steps logged up to its checkpoint and drops
+the later ones (they are run again), so curves and the last measurements of a
+run do not depend on how often it was restarted.
+"""
+
+import json
+import math
 import pathlib
 import time
 
 from absl import logging
 from tensorboardX import SummaryWriter
 
+HISTORY_FILE = "history.jsonl"
+# Console names of the measurements shown on the progress line (the rest go to TensorBoard).
+_SHOWN = {"grad_norm": "grad norm", "learning_rate": "lr", "train_accuracy": "train accuracy"}
+
 
 class MetricWriter:
-  """Writes scalars to `workdir/tensorboard` and logs a line with the ETA.
+  """Writes scalars to `workdir/tensorboard` and `workdir/history.jsonl`, and logs progress.
 
   Args:
     workdir: the run's folder.
+    start: the step the run starts (or resumes) from: logged steps after it
+      are dropped from the history.
+    name: the run's name on the console (`pretrain`, `finetune`, ...).
     enabled: False on every process but the first of a multi-host run.
   """
 
-  def __init__(self, workdir: str | pathlib.Path, enabled: bool = True):
+  def __init__(self, workdir: str | pathlib.Path, start: int, name: str, enabled: bool = True):
     self.enabled = enabled
-    self._writer = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard")) if enabled else None
+    self.name = name
+    self.history: list[dict] = []
+    self._writer = None
     self._start = time.perf_counter()
     self._first_step = None
-    self.history: list[dict] = []
+    if not enabled:
+      return
+    workdir = pathlib.Path(workdir)
+    self._path = workdir / HISTORY_FILE
+    if self._path.is_file():
+      lines = self._path.read_text().splitlines()
+      self.history = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= start]
+    self._path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+    self._writer = SummaryWriter(str(workdir / "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, float], total_steps: int) -> None:
     """Records the scalars of `step` and logs progress towards `total_steps`."""
     if not self.enabled:
       return
-    self.history.append({"step": step, **scalars})
+    record = {"step": step, **scalars}
+    self.history.append(record)
+    with self._path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
     for name, value in scalars.items():
       self._writer.add_scalar(name, value, step)
     self._writer.flush()
+    logging.info("%s", self._line(step, scalars, total_steps))
+
+  def _line(self, step: int, scalars: dict[str, float], total_steps: int) -> str:
+    """`pretrain step 10/150: loss 1.61 (cross 1.23, intra 0.374), grad norm 0.77, ...`."""
     if self._first_step is None:
       self._first_step, self._start = step, time.perf_counter()
-      eta = "?"
+      eta = ""
     else:
       rate = (time.perf_counter() - self._start) / max(step - self._first_step, 1)
-      eta = f"{rate * (total_steps - step):.0f}s"
-    parts = " ".join(f"{k}={v:.4g}" for k, v in scalars.items() if k.startswith("loss"))
-    logging.info(
-      "step %d/%d %s grad_norm=%.3g lr=%.3g %.2fs/step ETA %s",
-      step,
-      total_steps,
-      parts,
-      scalars.get("grad_norm", float("nan")),
-      scalars.get("learning_rate", float("nan")),
-      scalars.get("step_time", float("nan")),
-      eta,
-    )
+      eta = f", {_duration(rate * (total_steps - step))} left"
+    parts = [f"{k.split('/', 1)[1]} {v:.3g}" for k, v in scalars.items() if k.startswith("loss/")]
+    loss = f"loss {scalars.get('loss', math.nan):.4g}" + (f" ({', '.join(parts)})" if parts else "")
+    shown = [f"{label} {scalars[k]:.3g}" for k, label in _SHOWN.items() if k in scalars]
+    speed = f"{scalars.get('step_time', math.nan):.2f} s/step"
+    return f"{self.name} step {step}/{total_steps}: " + ", ".join([loss, *shown, speed]) + eta
 
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
+
+
+def _duration(seconds: float) -> str:
+  """`1h02m`, `3m05s` or `42s`."""
+  seconds = int(round(seconds))
+  if seconds >= 3600:
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+  if seconds >= 60:
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds}s"

@@ -31,6 +31,7 @@ from data_prep.builders import data_source
 from data_prep.synthetic import writer
 from reldistill_jax import (
   classes,
+  config_checks,
   evaluate,
   evaluation_runs,
   feature_store,
@@ -38,6 +39,7 @@ from reldistill_jax import (
   input_pipeline,
   records,
   report,
+  runtime,
   teachers,
   train,
 )
@@ -102,21 +104,37 @@ def prepare_synthetic_data(
   return paths
 
 
-def run_default(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  """Data, pretraining, zero-shot, 1% fine-tuning, structural gap and the report."""
-  workdir = pathlib.Path(workdir)
-  paths = prepare_synthetic_data(config, workdir)
+def run_default(
+  config: ml_collections.ConfigDict, workdir: str | pathlib.Path, override_config: bool = False
+) -> dict:
+  """Data, pretraining, zero-shot, 1% fine-tuning, structural gap and the report.
 
-  # Pretraining with the configured loss (relational by default).
-  pre = config.pretrain
-  with pre.unlocked():
+  Args:
+    config: a `configs/default.py` config.
+    workdir: the folder of everything (module docstring).
+    override_config: accept a restart whose config differs from the workdir's
+      (stages already finished are not redone).
+  """
+  workdir = pathlib.Path(workdir)
+  paths = data_paths(config, workdir)
+  # The stage configs are complete before anything is checked, written or compared.
+  pre, ft = config.pretrain, config.finetune
+  with pre.unlocked(), ft.unlocked():
     pre.input.buckets = str(paths["buckets/train"])
     pre.input.features = str(paths["features/train"])
-  pretrained = train.train_and_evaluate(pre, workdir / "pretrain")
+    ft.input.buckets = str(paths["buckets/train_1pct"])
+    ft.input.val_buckets = str(paths["buckets/val"])
+    ft.checkpoint.init_from = str((workdir / "pretrain" / "checkpoints").absolute())
+  config_checks.validate(config)
+  runtime.record_config(config, workdir, override_config)
+  prepare_synthetic_data(config, workdir)
+
+  # Pretraining with the configured loss (relational by default).
+  pretrained = train.train_and_evaluate(pre, workdir / "pretrain", override_config)
   model, params = pretrained["model"], pretrained["state"]["params"]
 
   # Zero-shot on every point of the validation scans, before and after.
-  mesh = train.make_mesh(pre)
+  mesh = runtime.make_mesh(pre)
   val = records.ShardedReader(str(paths["buckets/val"]))
   val_store = feature_store.FeatureStore(paths["features/val"], {"teacher": "synthetic"})
   text = evaluation_runs.load_text_embeddings(paths["text"])
@@ -127,7 +145,11 @@ def run_default(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) 
   batch = config.eval.batch_size
   zeroshot = evaluation_runs.zero_shot_metrics(pre, params, val, text, batch, mesh)
   at_init = evaluation_runs.zero_shot_metrics(pre, init_params, val, text, batch, mesh)
-  logging.info("zero-shot mIoU %.4f (at initialisation %.4f)", zeroshot["miou"], at_init["miou"])
+  logging.info(
+    "zero-shot: %s; at initialisation %s",
+    report.describe_miou(zeroshot),
+    report.describe_miou(at_init),
+  )
 
   # Structural gap on held-out pairs.
   with_pairs = input_pipeline.Transform(
@@ -139,12 +161,7 @@ def run_default(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) 
   )
 
   # Few-shot: fine-tune the pretrained student on the 1% subset.
-  ft = config.finetune
-  with ft.unlocked():
-    ft.input.buckets = str(paths["buckets/train_1pct"])
-    ft.input.val_buckets = str(paths["buckets/val"])
-    ft.checkpoint.init_from = str((workdir / "pretrain" / "checkpoints").absolute())
-  fewshot = finetune.finetune_and_evaluate(ft, workdir / "fewshot")["metrics"]
+  fewshot = finetune.finetune_and_evaluate(ft, workdir / "fewshot", override_config)["metrics"]
 
   # Bird's-eye view of one validation scan: zero-shot predictions against labels.
   scan = plain(val[0])
@@ -156,6 +173,10 @@ def run_default(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) 
     "pred": predicted[valid],
     "label": scan["labels"][valid],
     "class_names": names,
+    "title": (
+      f"Zero-shot predictions of the {pre.loss.name} student ({pre.model.variant}, "
+      f"{pre.num_steps} steps) on validation scan {scan['token']}, {int(valid.sum()):,} voxels"
+    ),
   }
   metrics = {
     "zeroshot": zeroshot,
@@ -168,16 +189,21 @@ def run_default(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) 
       "final_loss": pretrained["measurements"].get("loss"),
     },
   }
-  written = report.write_report(
+  report.write_report(
     workdir,
     metrics,
     history=pretrained["history"],
     bev=bev,
     title="reldistill-jax: the embedded default",
   )
-  print(
-    f"zero-shot mIoU {zeroshot['miou']:.3f} (at init {at_init['miou']:.3f}), "
-    f"1% few-shot mIoU {fewshot['miou']:.3f}, gap G {gap['G']:.4f}\n"
-    f"report: {written['report'].absolute()}"
+  report.print_results(
+    "the embedded default",
+    {
+      "zero-shot mIoU": report.describe_miou(zeroshot),
+      "at initialisation": report.describe_miou(at_init),
+      "1% few-shot mIoU": report.describe_miou(fewshot),
+      "structural gap G": f"{gap['G']:.4f} (linear CKA {gap['cka']:.3f}, {gap['pairs']} pairs)",
+    },
+    workdir,
   )
   return metrics

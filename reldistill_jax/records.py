@@ -6,17 +6,21 @@ A store is a folder:
   OUT/manifest.json                        config, shards, counts, index
 
 `manifest.json` holds the caller's `config` (whatever defines the content:
-builder, split, voxel size, ...), `num_shards`, the completed `shards` with
-their record counts, `num_records`, `complete`, and `index`, mapping each
-record's `token` to `[shard, position]`. Records are dicts of numpy arrays and
-scalars in the binary format of `encode_record`.
+builder, split, voxel size, ...), `num_shards`, the completed `shards` (each
+with its file, record count, size in bytes, sha256 and the writer's `stats`),
+`num_records`, `stats` (the shards' stats summed), `complete`, and `index`,
+mapping each record's `token` to `[shard, position]`. Records are dicts of
+numpy arrays and scalars in the binary format of `encode_record`.
 
 Writes are atomic: a shard is written to a hidden temporary file and renamed
 when closed, and the manifest is rewritten through a temporary file after
 every shard, so a crash never leaves a shard or manifest that looks complete.
-A re-run with the same config skips the completed shards; a re-run with
-another config is refused. Readers refuse incomplete stores, stores of another
-config, missing shards and corrupt records, naming the file.
+A re-run with the same config verifies every shard the manifest lists against
+its size and sha256 (`verify_shard`: reading, not decoding), rewrites a damaged
+or missing one (logged, naming it) and skips the others; a re-run with another
+config is refused. `verify_store` only checks. Readers refuse incomplete
+stores, stores of another config, missing shards and corrupt records, naming
+the file.
 
 Record format (little-endian): magic `RDREC\\x00\\x01\\n` (8 bytes), the header
 length (uint32), a JSON header, zero padding to 8 bytes, the array payload
@@ -25,6 +29,7 @@ before it. The header lists every field: arrays by dtype, shape, offset and
 size; str, int, float and bool values inline.
 """
 
+import hashlib
 import json
 import os
 import struct
@@ -34,7 +39,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+from absl import logging
 from array_record.python import array_record_module
+
+from reldistill_jax import errors, files
 
 MANIFEST = "manifest.json"
 FORMAT = "reldistill_jax.records/1"
@@ -44,6 +52,7 @@ FORMAT = "reldistill_jax.records/1"
 WRITER_OPTIONS = "group_size:1,zstd:3"
 READER_OPTIONS = "readahead_buffer_size:0"
 
+REWRITE = "rerun the command that writes the store to rewrite the shard"
 _MAGIC = b"RDREC\x00\x01\n"
 _PREFIX = struct.Struct("<8sI")
 _CRC = struct.Struct("<I")
@@ -52,11 +61,11 @@ _ALIGN = 8
 Value = np.ndarray | np.generic | str | int | float | bool
 
 
-class RecordError(ValueError):
+class RecordError(errors.DataError):
   """A record or store that cannot be read as written."""
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(errors.DataError):
   """A store written with another config than the one asked for."""
 
 
@@ -190,24 +199,21 @@ def _describe(diff: list[str], stored: Mapping[str, Any], wanted: Mapping[str, A
   )
 
 
-def _atomic_write_json(path: str, obj: Any) -> None:
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def read_manifest(path: str) -> dict[str, Any]:
   """The manifest of the store at `path` (a folder)."""
   manifest_path = os.path.join(path, MANIFEST)
   if not os.path.exists(manifest_path):
-    raise FileNotFoundError(f"no record store at {path}: {manifest_path} is missing")
-  with open(manifest_path) as f:
-    manifest = json.load(f)
-  if manifest.get("format") != FORMAT:
-    raise RecordError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    raise FileNotFoundError(
+      f"no record store at {path}: {manifest_path} is missing (run the command that writes it)"
+    )
+  try:
+    with open(manifest_path) as f:
+      manifest = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise RecordError(f"{manifest_path}: not a valid manifest ({e}); remove the store") from None
+  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    raise RecordError(f"{manifest_path}: format {found!r}, expected {FORMAT!r}")
   return manifest
 
 
@@ -215,7 +221,13 @@ def shard_filename(name: str, shard: int, num_shards: int) -> str:
   return f"{name}-{shard:05d}-of-{num_shards:05d}.array_record"
 
 
-def write_shard_file(path: str, records: Iterable[Mapping[str, Value]]) -> list[str]:
+def file_sha256(path: str) -> str:
+  """The sha256 of a file's bytes, as hex."""
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_shard_file(path: str, records: Iterable[Mapping[str, Value]]) -> dict[str, Any]:
   """Writes one shard atomically: a hidden temporary file renamed when complete.
 
   Safe to call from worker processes (it touches no manifest).
@@ -225,7 +237,8 @@ def write_shard_file(path: str, records: Iterable[Mapping[str, Value]]) -> list[
     records: the shard's records, each with a str `token`.
 
   Returns:
-    The tokens of the records, in the shard's order.
+    {"tokens": the records' tokens in the shard's order, "num_bytes" and
+    "sha256" of the file}: what `ShardedWriter.mark_complete` records.
   """
   folder, base = os.path.split(path)
   tmp = os.path.join(folder, f".{base}.tmp-{os.getpid()}")
@@ -241,6 +254,7 @@ def write_shard_file(path: str, records: Iterable[Mapping[str, Value]]) -> list[
     writer.close()
     with open(tmp, "rb+") as f:
       os.fsync(f.fileno())
+    written = {"tokens": tokens, "num_bytes": os.path.getsize(tmp), "sha256": file_sha256(tmp)}
     os.replace(tmp, path)
   except BaseException:
     if writer.is_open():
@@ -248,7 +262,73 @@ def write_shard_file(path: str, records: Iterable[Mapping[str, Value]]) -> list[
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
-  return tokens
+  return written
+
+
+def verify_shard(path: str, entry: Mapping[str, Any]) -> str | None:
+  """What is wrong with a written shard, or None when it is as the manifest lists it.
+
+  A shard with a recorded size and sha256 is checked against them (one read
+  of the file, no decoding); a shard of an older manifest without them is
+  checked by reading and decoding every record (count and CRC).
+  """
+  if not os.path.exists(path):
+    return "is missing"
+  size = os.path.getsize(path)
+  if "sha256" in entry:
+    if size != entry["num_bytes"]:
+      return (
+        f"holds {size} bytes, the manifest lists {entry['num_bytes']} (truncated or overwritten)"
+      )
+    if file_sha256(path) != entry["sha256"]:
+      return "does not match the sha256 in the manifest (corrupt)"
+    return None
+  try:
+    reader = array_record_module.ArrayRecordReader(path, READER_OPTIONS)
+    count = reader.num_records()
+    if count != entry["num_records"]:
+      return f"holds {count} readable records, the manifest lists {entry['num_records']}"
+    for position in range(count):
+      decode_record(reader.read([position])[0])
+    reader.close()
+  except Exception as e:  # the C++ reader raises plain runtime errors
+    return f"cannot be read ({errors.one_line(e)})"
+  return None
+
+
+def verify_store(path: str) -> dict[str, str]:
+  """Checks every shard a store's manifest lists (`verify_shard`), changing nothing.
+
+  Returns:
+    {shard file: what is wrong} for the damaged shards; empty when every
+    listed shard is intact.
+  """
+  manifest = read_manifest(path)
+  damaged = {}
+  for entry in manifest["shards"].values():
+    problem = verify_shard(os.path.join(path, entry["file"]), entry)
+    if problem:
+      damaged[entry["file"]] = problem
+  return damaged
+
+
+def check_store(path: str) -> str:
+  """`verify_store` as a command's answer (`--verify`): a summary line when intact.
+
+  Raises:
+    RecordError: naming every damaged shard and what is wrong with it.
+  """
+  manifest = read_manifest(path)
+  damaged = verify_store(path)
+  listed = len(manifest["shards"])
+  if damaged:
+    problems = "; ".join(f"{name} {problem}" for name, problem in damaged.items())
+    raise RecordError(
+      f"{path}: {len(damaged)} of {listed} listed shards are damaged ({problems}); rerun the "
+      "command that wrote the store (without --verify) to rewrite them"
+    )
+  state = "complete" if manifest["complete"] else "incomplete, rerun the command that writes it"
+  return f"{path}: {listed} of {manifest['num_shards']} shards intact ({state})"
 
 
 class ShardedWriter:
@@ -257,7 +337,8 @@ class ShardedWriter:
   Usage: `for shard in writer.pending: writer.write_shard(shard, records)`,
   then `writer.finalize()`. Shards may also be written elsewhere (worker
   processes) with `write_shard_file(writer.shard_path(i), ...)` and recorded
-  here with `writer.mark_complete(i, tokens)`.
+  here with `writer.mark_complete(i, written)`. Opening a folder that holds a
+  store verifies its listed shards (`verify_shard`); damaged ones are pending.
   """
 
   def __init__(self, path: str, config: Mapping[str, Any], num_shards: int, name: str = "records"):
@@ -298,14 +379,18 @@ class ShardedWriter:
           f"{_describe(diff, stored_all, {**self.config, **layout})}); "
           "write to another folder or remove it"
         )
-      # A shard counts as written when the manifest lists it and its file is
-      # there (a shard renamed just before a crash is simply written again).
-      self._shards = {
-        int(s): e
-        for s, e in manifest["shards"].items()
-        if os.path.exists(os.path.join(self.path, e["file"]))
-      }
+      # A shard counts as written when the manifest lists it and it verifies
+      # (a shard renamed just before a crash is simply written again).
+      self._shards = {}
+      for shard, entry in manifest["shards"].items():
+        problem = verify_shard(os.path.join(self.path, entry["file"]), entry)
+        if problem:
+          logging.warning("%s: shard %s %s; rewriting it", self.path, entry["file"], problem)
+        else:
+          self._shards[int(shard)] = entry
       self._index = {t: sp for t, sp in manifest["index"].items() if sp[0] in self._shards}
+      if len(self._shards) < len(manifest["shards"]) and manifest["complete"]:
+        self._write_manifest(complete=False)  # being repaired: not complete until it is
     else:
       self._shards, self._index = {}, {}
       self._write_manifest(complete=False)
@@ -318,16 +403,27 @@ class ShardedWriter:
     """Shards not yet written, in order."""
     return [s for s in range(self.num_shards) if s not in self._shards]
 
-  def write_shard(self, shard: int, records: Iterable[Mapping[str, Value]]) -> None:
+  def write_shard(
+    self, shard: int, records: Iterable[Mapping[str, Value]], stats: Mapping | None = None
+  ) -> None:
     """Writes shard `shard` atomically and records it in the manifest."""
-    self.mark_complete(shard, write_shard_file(self.shard_path(shard), records))
+    self.mark_complete(shard, write_shard_file(self.shard_path(shard), records), stats)
 
-  def mark_complete(self, shard: int, tokens: list[str]) -> None:
+  def mark_complete(
+    self, shard: int, written: Mapping[str, Any], stats: Mapping[str, int] | None = None
+  ) -> None:
     """Records a shard written by `write_shard_file` (rewrites the manifest).
+
+    Args:
+      shard: the shard's index.
+      written: what `write_shard_file` returned.
+      stats: counts the caller keeps per shard (e.g. labelled scans); the
+        finalised manifest holds their sums as `stats`.
 
     Raises:
       RecordError: a token is already in another shard (or twice in this one).
     """
+    tokens = written["tokens"]
     if not 0 <= shard < self.num_shards:
       raise ValueError(f"shard {shard} outside [0, {self.num_shards})")
     # A shard written again replaces its old entries.
@@ -343,6 +439,9 @@ class ShardedWriter:
     self._shards[shard] = {
       "file": shard_filename(self.name, shard, self.num_shards),
       "num_records": len(tokens),
+      "num_bytes": written["num_bytes"],
+      "sha256": written["sha256"],
+      "stats": dict(stats or {}),
     }
     self._index.update(entries)
     self._write_manifest(complete=False)
@@ -365,6 +464,10 @@ class ShardedWriter:
     # The index of an incomplete store covers its written shards, so that a
     # resumed run needs not read them back.
     index = dict(sorted(self._index.items(), key=lambda item: item[1]))
+    totals: dict[str, int] = {}
+    for entry in shards.values():
+      for key, value in entry.get("stats", {}).items():
+        totals[key] = totals.get(key, 0) + value
     manifest = {
       "format": FORMAT,
       "name": self.name,
@@ -372,10 +475,11 @@ class ShardedWriter:
       "num_shards": self.num_shards,
       "complete": complete,
       "num_records": sum(e["num_records"] for e in shards.values()),
+      "stats": totals,
       "shards": shards,
       "index": index,
     }
-    _atomic_write_json(os.path.join(self.path, MANIFEST), manifest)
+    files.atomic_write(os.path.join(self.path, MANIFEST), json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -403,11 +507,13 @@ class ShardedReader:
     self.path = os.fspath(path)
     manifest = read_manifest(self.path)
     self.config = manifest["config"]
+    # Sums of the writer's per-shard counts (absent in stores of older versions).
+    self.stats = manifest.get("stats", {})
     if not manifest["complete"]:
       written = len(manifest["shards"])
       raise RecordError(
         f"{self.path}: incomplete store ({written} of {manifest['num_shards']} shards written); "
-        "re-run the command that writes it"
+        "rerun the command that writes it"
       )
     if expected_config is not None:
       wanted = _normalise(expected_config)
@@ -415,13 +521,16 @@ class ShardedReader:
       if diff:
         raise ConfigMismatchError(
           f"{self.path} was written with another config (keys {diff}: "
-          f"{_describe(diff, self.config, wanted)})"
+          f"{_describe(diff, self.config, wanted)}); give a store written with those settings"
         )
     entries = [manifest["shards"][str(s)] for s in range(manifest["num_shards"])]
     self._files = [os.path.join(self.path, e["file"]) for e in entries]
     missing = [f for f in self._files if not os.path.exists(f)]
     if missing:
-      raise FileNotFoundError(f"{self.path}: missing shard files {missing}")
+      raise FileNotFoundError(
+        f"{self.path}: missing shard files {missing}; rerun the command that writes the store "
+        "to rewrite them"
+      )
     self._starts = np.cumsum([0] + [e["num_records"] for e in entries])
     self._index = {t: (int(s), int(p)) for t, (s, p) in manifest["index"].items()}
     if len(self._index) != len(self):
@@ -473,12 +582,12 @@ class ShardedReader:
           try:
             reader = array_record_module.ArrayRecordReader(self._files[shard], READER_OPTIONS)
           except Exception as e:  # the C++ reader raises plain runtime errors
-            raise RecordError(f"cannot open shard {self._files[shard]}: {e}") from e
+            raise RecordError(f"cannot open shard {self._files[shard]}: {e}; {REWRITE}") from e
           expected = int(self._starts[shard + 1] - self._starts[shard])
           if not reader.ok() or reader.num_records() != expected:
             raise RecordError(
               f"shard {self._files[shard]} holds {reader.num_records()} readable records, "
-              f"the manifest lists {expected} (truncated or overwritten)"
+              f"the manifest lists {expected} (truncated or overwritten); {REWRITE}"
             )
           self._readers[shard] = reader
     return self._readers[shard]
@@ -490,8 +599,8 @@ class ShardedReader:
     except RecordError:
       raise
     except Exception as e:
-      raise RecordError(f"cannot read {where}: {e}") from e
+      raise RecordError(f"cannot read {where}: {e}; {REWRITE}") from e
     try:
       return decode_record(data)
     except RecordError as e:
-      raise RecordError(f"{where}: {e}") from e
+      raise RecordError(f"{where}: {e}; {REWRITE}") from e

@@ -22,9 +22,8 @@ In `metrics`, a dict holding a "miou" key is an evaluation (at any depth, e.g.
 
 import json
 import math
-import os
 import pathlib
-import tempfile
+import sys
 import textwrap
 from collections.abc import Mapping, Sequence
 
@@ -34,6 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from reldistill_jax import files
 from reldistill_jax.evaluators import segmentation, structural_gap
 
 IGNORE_COLOUR = "#c8c8c8"  # points labelled 0, in both BEV panels
@@ -152,17 +152,21 @@ def plot_per_class_iou(per_class: Mapping, path, title: str = "Per-class IoU"):
   fig = figure(max(8.0, 0.42 * len(class_names) * (1 + 0.5 * len(runs)) + 1.5), 5.0)
   ax = fig.subplots()
   x = np.arange(len(class_names))
-  for r, (run, ious) in enumerate(runs.items()):
-    values = 100 * np.array([ious.get(c) for c in class_names], float)  # (C,) %, None -> NaN
+  values = {
+    run: 100 * np.array([ious.get(c) for c in class_names], float) for run, ious in runs.items()
+  }
+  peak = max([np.nanmax(v) for v in values.values() if np.isfinite(v).any()], default=0.0)
+  top = min(100.0, max(10.0, 10.0 * math.ceil(peak / 10.0)))  # the axis fits the values
+  for r, (run, run_values) in enumerate(values.items()):  # (C,) %, None -> NaN
     offset = x - 0.4 + width * (r + 0.5)
-    ax.bar(offset, np.nan_to_num(values), width, label=run, edgecolor="white", linewidth=0.5)
-    for xi, v in zip(offset, values, strict=True):
+    ax.bar(offset, np.nan_to_num(run_values), width, label=run, edgecolor="white", linewidth=0.5)
+    for xi, v in zip(offset, run_values, strict=True):
       text = f"{v:.0f}" if np.isfinite(v) else "n/a"
-      ax.text(xi, np.nan_to_num(v) + 1, text, ha="center", va="bottom", fontsize=7, rotation=90)
+      ax.text(xi, np.nan_to_num(v) + 0.01 * top, text, ha="center", va="bottom", fontsize=7,
+              rotation=90)  # fmt: skip
   ax.set_xticks(x, class_names, rotation=40, ha="right")
-  ax.set(xlim=(-0.6, len(class_names) - 0.4), ylim=(0, 110), title=title)
+  ax.set(xlim=(-0.6, len(class_names) - 0.4), ylim=(0, 1.12 * top), title=title)
   ax.set(xlabel="class", ylabel="IoU (%)")
-  ax.set_yticks(np.arange(0, 101, 20))
   ax.grid(axis="y", alpha=0.3)
   if len(runs) > 1:
     fig.legend(loc="outside right upper")
@@ -263,6 +267,27 @@ def plot_bev(points, pred, label, class_names, path, colours=None, extent=None, 
   return save_figure(fig, path)
 
 
+def describe_miou(metrics: Mapping) -> str:
+  """`12.3% over 16 scans (empty-union classes left out)`: an evaluation in words."""
+  convention = {
+    "nan": "empty-union classes left out",
+    "one": "empty-union classes scored 1",
+  }.get(metrics.get("empty_class_convention"), "")
+  return f"{_pct(metrics['miou'])}% over {metrics.get('num_scans', '?')} scans ({convention})"
+
+
+def print_results(title: str, rows: Mapping[str, str], workdir) -> None:
+  """The result block a command prints at its end: one row per result, then where they are."""
+  workdir = pathlib.Path(workdir).absolute()
+  rows = dict(rows) | {"workdir": str(workdir)}
+  if (workdir / "report.md").is_file():
+    rows["report"] = str(workdir / "report.md")
+  width = max(map(len, rows))
+  lines = [f"reldistill-jax {title}:", *(f"  {k:<{width}}  {v}" for k, v in rows.items())]
+  sys.stdout.write("\n" + "\n".join(lines) + "\n")
+  sys.stdout.flush()
+
+
 def to_jsonable(value):
   """`value` as JSON types: arrays and numpy/jax scalars unpacked, NaN/inf -> None."""
   if isinstance(value, Mapping):
@@ -278,26 +303,11 @@ def to_jsonable(value):
   raise TypeError(f"cannot write {type(value).__name__} to metrics.json")
 
 
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-  """Writes `text` to a temp file beside `path`, then renames it over `path`."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-
-
 def write_metrics_json(path, metrics: Mapping) -> pathlib.Path:
   """Writes `metrics` as indented JSON (NaN and inf as null), atomically."""
   path = pathlib.Path(path)
   text = json.dumps(to_jsonable(metrics), indent=2, allow_nan=False) + "\n"
-  _atomic_write(path, text)
+  files.atomic_write(path, text)
   return path
 
 
@@ -338,7 +348,9 @@ def write_report(
 
   plots = workdir / "plots"
   if per_class:
-    written["per_class_iou"] = plot_per_class_iou(per_class, plots / "per_class_iou.png")
+    written["per_class_iou"] = plot_per_class_iou(
+      per_class, plots / "per_class_iou.png", title=f"Per-class IoU: {title}"
+    )
   if study:
     written["gap_vs_miou"] = plot_gap_scatter(gap_rows, plots / "gap_vs_miou.png", study=study)
   if history:
@@ -356,7 +368,7 @@ def write_report(
   for key, caption in (("training_curves", "Training curves"), ("bev", "Bird's-eye view")):
     md += [f"## {caption}\n", f"![{caption}](plots/{key}.png)\n"] if key in written else []
   written["report"] = workdir / "report.md"
-  _atomic_write(written["report"], "\n".join(md))
+  files.atomic_write(written["report"], "\n".join(md))
   return written
 
 

@@ -68,6 +68,8 @@ from collections.abc import Sequence
 import numpy as np
 from absl import logging
 
+from reldistill_jax import errors
+
 # Bits per axis of the curve codes: 3 * 21 = 63 bits fit a uint64. At 0.1 m a
 # scan may span 2**21 * 0.1 m = 210 km, far beyond any lidar.
 CODE_BITS = 21
@@ -313,7 +315,7 @@ def voxelise(
   coords -= coords.min(axis=0)
   extent = coords.max(axis=0)
   if np.any(extent >= 1 << CODE_BITS):
-    raise ValueError(
+    raise errors.DataError(
       f"the scan spans {tuple(int(e) + 1 for e in extent)} voxels; curve codes hold "
       f"2**{CODE_BITS} per axis (check the units of the points or use larger voxels)"
     )
@@ -530,14 +532,14 @@ def build_bucket(
   check_bucket_config(curves, num_stages, patch_size, capacities, stage_ratio)
   points = np.asarray(points)
   if points.ndim != 2 or points.shape[1] < 3:
-    raise ValueError(f"scan {token!r}: points must have shape (N, >=3), got {points.shape}")
+    raise errors.DataError(f"scan {token!r}: points must have shape (N, >=3), got {points.shape}")
   num_points = len(points)
   if num_points == 0:
-    raise ValueError(f"scan {token!r} is empty (0 points)")
+    raise errors.DataError(f"scan {token!r} is empty (0 points)")
   xyz = points[:, :3]
   if not np.all(np.isfinite(xyz)):
     bad = np.flatnonzero(~np.all(np.isfinite(xyz), axis=1))
-    raise ValueError(
+    raise errors.DataError(
       f"scan {token!r} has {len(bad)} points with NaN or infinite coordinates "
       f"(first at index {bad[0]})"
     )
@@ -545,7 +547,7 @@ def build_bucket(
     labels = np.zeros(num_points, np.uint8)
   labels = np.asarray(labels)
   if labels.shape != (num_points,):
-    raise ValueError(f"scan {token!r}: labels shape {labels.shape} != ({num_points},)")
+    raise errors.DataError(f"scan {token!r}: labels shape {labels.shape} != ({num_points},)")
 
   coords, kept, point_to_voxel, code = voxelise(xyz, grid, voxel_size)
   parents, first_children = _pool_chain(code, num_stages)
@@ -619,7 +621,7 @@ def build_bucket(
     pairs_uv = np.zeros((0, 2), np.float32)
   pairs_point = np.asarray(pairs_point, np.int64)
   if pairs_point.size and (pairs_point.min() < 0 or pairs_point.max() >= num_points):
-    raise ValueError(f"scan {token!r}: pairs_point indices outside [0, {num_points})")
+    raise errors.DataError(f"scan {token!r}: pairs_point indices outside [0, {num_points})")
   pairs_voxel = point_to_voxel[pairs_point]
   valid = pairs_voxel >= 0
   record["pairs_voxel"] = pairs_voxel[valid].astype(np.int32)
@@ -650,7 +652,7 @@ def pad_bucket(
   if old_c0 == capacity:
     return bucket
   if old_c0 > capacity:
-    raise ValueError(
+    raise errors.DataError(
       f"scan {bucket['token']!r} has a {old_c0}-voxel bucket, larger than the batch capacity "
       f"{capacity}; raise the capacity to at least {old_c0}"
     )

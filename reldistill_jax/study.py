@@ -15,11 +15,11 @@ import json
 import pathlib
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from configs import default as default_config
 from configs import gap as gap_config
-from reldistill_jax import evaluation_runs, pipeline
+from reldistill_jax import cli, evaluation_runs, pipeline
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the study.", required=True)
 _LOSSES = flags.DEFINE_list("losses", ["relational", "contrastive", "similarity"], "Losses.")
@@ -94,4 +94,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -42,7 +42,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from reldistill_jax import classes
+from reldistill_jax import classes, errors
 
 
 class Teacher(Protocol):
@@ -237,7 +237,7 @@ class SyntheticTeacher:
         i for i, name in enumerate(self.names) if re.search(rf"\b{re.escape(name)}\b", lowered)
       ]
       if not found:
-        raise ValueError(
+        raise errors.DataError(
           f"the synthetic teacher knows only its class names {list(self.names)}; got {text!r}"
         )
       rows.append(max(found, key=lambda i: len(self.names[i])))
@@ -265,7 +265,7 @@ class VitTeacher:
       want = vit.VARIANTS[expected]
       got = (self.config.patch_size, self.config.width, self.config.layers)
       if got != (want.patch_size, want.width, want.layers):
-        raise ValueError(
+        raise errors.DataError(
           f"{self.path}: {name} expects patch {want.patch_size}, width {want.width}, "
           f"{want.layers} layers; the checkpoint has patch {got[0]}, width {got[1]}, {got[2]} layers "
           f"(load it as {family!r} to accept any size)"
@@ -305,13 +305,15 @@ class VitTeacher:
   def image_embedding(self, images: np.ndarray) -> np.ndarray:
     """(B, D) pooled, projected image embeddings (CLIP's get_image_features)."""
     if self._text is None:
-      raise ValueError(f"{self.name} has no image-text embedding (DINOv2 is not a CLIP model)")
+      raise errors.ConfigError(
+        f"{self.name} has no image-text embedding (DINOv2 is not a CLIP model)"
+      )
     return np.asarray(self._run(images)[1]["image_embeds"], np.float32)
 
   def text_embedding(self, texts: Sequence[str]) -> np.ndarray:
     """(T, D) projected text embeddings (CLIP's get_text_features)."""
     if self._text is None:
-      raise ValueError(f"{self.name} has no text tower (DINOv2 is not a CLIP model)")
+      raise errors.ConfigError(f"{self.name} has no text tower (DINOv2 is not a CLIP model)")
     config, params, tokenizer = self._text
     return self._encode_text(params, config, tokenizer, list(texts))
 
@@ -330,10 +332,10 @@ TEACHERS = ("synthetic", "clip", "dinov2", *_ARCHITECTURES)
 def load(name: str, weights_path: str | pathlib.Path | None = None) -> Teacher:
   """The teacher `name` (module docstring), weights read from local files only."""
   if name not in TEACHERS:
-    raise ValueError(f"unknown teacher {name!r}; choose from {sorted(TEACHERS)}")
+    raise errors.ConfigError(f"unknown teacher {name!r}; choose from {sorted(TEACHERS)}")
   if weights_path is None:
     what = "the synthetic world's dataroot" if name == "synthetic" else "a local checkpoint"
-    raise ValueError(f"teacher {name!r} needs weights_path: {what} (nothing is downloaded)")
+    raise errors.ConfigError(f"teacher {name!r} needs weights_path: {what} (nothing is downloaded)")
   if name == "synthetic":
     return SyntheticTeacher(weights_path)
   if not pathlib.Path(weights_path).exists():

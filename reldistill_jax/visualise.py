@@ -123,8 +123,8 @@ def voxel_features(model, params, bucket: Mapping[str, Any], transform) -> np.nd
   """(C0, D) float32 features of the student for every slot of one bucket.
 
   Args:
-    model: the student (`train.make_model(config)`).
-    params: its parameters (`train.load_params(checkpoints)`).
+    model: the student (`runtime.make_model(config)`).
+    params: its parameters (`runtime.load_params(checkpoints)`).
     bucket: a bucket record.
     transform: an evaluation `input_pipeline.Transform` (no augmentation).
   """

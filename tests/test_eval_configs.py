@@ -16,14 +16,15 @@ from configs import zeroshot as zeroshot_config
 from data_prep import text_embeddings
 from reldistill_jax import (
   classes,
+  config_checks,
   evaluate,
   evaluation_runs,
   input_pipeline,
   records,
+  runtime,
   teachers,
   train,
 )
-from reldistill_jax import main as main_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODEL = {"variant": "tiny", "out_dim": 512, "patch_size": 128, "num_curves": 4, "dtype": "float32"}
@@ -81,7 +82,7 @@ def test_zeroshot_scores_the_checkpoint(pretrained, tmp_path):
     text = f["embeddings"]
   transform = input_pipeline.Transform(val.config, 8192, 0, config.input.intensity_scale)
   direct = evaluate.zero_shot(
-    train.make_model(config), train.load_params(pretrained["checkpoint"]), val, text,
+    runtime.make_model(config), runtime.load_params(pretrained["checkpoint"]), val, text,
     transform, 2, None, classes.NUSCENES_CLASSES,
   )  # fmt: skip
   assert 0.0 < zeroshot["miou"] <= 1.0
@@ -162,10 +163,10 @@ def test_config_errors_name_the_field():
   with pytest.raises(ValueError, match="unknown config argument 'loss'"):
     gap_config.get_config("loss=relational")
   with pytest.raises(ValueError, match="config.checkpoint is not set"):
-    main_lib._require(zeroshot_config.get_config(), "checkpoint", "input.val_buckets")
+    config_checks.validate(zeroshot_config.get_config())
   config = gap_config.get_config()
   with pytest.raises(ValueError, match="config.runs is not set"):
-    main_lib._require(config, "runs")
+    config_checks.validate(config)
   config.runs = " , "
   with pytest.raises(ValueError, match="names no run folder"):
     evaluation_runs.split_runs(config.runs)

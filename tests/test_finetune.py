@@ -9,7 +9,7 @@ import pytest
 
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
-from reldistill_jax import finetune, input_pipeline, records, train
+from reldistill_jax import finetune, input_pipeline, records, runtime, train
 
 FINETUNE_OVERRIDES = {
   "input.capacity": 8192,
@@ -141,7 +141,7 @@ def _init_params(config, data):
   example = {
     k: v[None] for k, v in transform(buckets[0]).items() if k not in input_pipeline.HOST_KEYS
   }
-  encoder, head = train.make_model(config), finetune.make_head(config)
+  encoder, head = runtime.make_model(config), finetune.make_head(config)
   return jax.jit(lambda rng: finetune.init_params(encoder, head, example, rng))(
     jax.random.key(config.seed)
   )
@@ -205,9 +205,9 @@ def test_linear_probe_keeps_the_pretrained_encoder_bit_identical(
   )
   out = finetune.finetune_and_evaluate(config, tmp_path)
   # init_from loaded the pretrained student and the probe never changed it.
-  assert _trees_equal(out["state"]["params"]["encoder"], train.load_params(pretrained))
+  assert _trees_equal(out["state"]["params"]["encoder"], runtime.load_params(pretrained))
   initial = _init_params(config, small_training_data)
-  assert not _trees_equal(initial["encoder"], train.load_params(pretrained))
+  assert not _trees_equal(initial["encoder"], runtime.load_params(pretrained))
   assert not _trees_equal(out["state"]["params"]["head"], initial["head"])
   assert out["measurements"]["learning_rate/encoder"] == 0.0
   assert out["measurements"]["head_update_norm"] > 0

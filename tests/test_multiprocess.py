@@ -17,6 +17,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ARG = "loss=relational,teacher=synthetic,dataset=synthetic,runlocal"
@@ -93,16 +94,16 @@ def _tails(procs, logs) -> str:
   )
 
 
-def _wait(procs, logs, deadline: float) -> list[str]:
-  """Waits for every process to exit 0 (killing all when one fails or time runs out);
-  returns their logs."""
+def _wait(procs, logs, deadline: float, status: int = 0) -> list[str]:
+  """Waits for every process to exit with `status` (killing all when one exits otherwise or
+  time runs out); returns their logs."""
   while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-    if any(p.returncode not in (None, 0) for p in procs):
+    if any(p.returncode not in (None, status) for p in procs):
       time.sleep(5)  # give the others a moment to report, then stop them
       break
     time.sleep(0.2)
   _kill(procs)
-  assert all(p.returncode == 0 for p in procs), (
+  assert all(p.returncode == status for p in procs), (
     f"a process failed or timed out\n{_tails(procs, logs)}"
   )
   return [log.read_text(errors="replace") for log in logs]
@@ -120,6 +121,7 @@ def _last(texts: list[str], procs, logs) -> list[dict]:
   return out
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_loss(small_training_data, tmp_path):
   data = small_training_data
   start = time.monotonic()
@@ -153,6 +155,7 @@ def test_two_processes_give_the_one_process_loss(small_training_data, tmp_path):
   assert len(list((tmp_path / "two" / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step(small_training_data, tmp_path):
   workdir = tmp_path / "two"
   overrides = {**OVERRIDES, "num_steps": 1000, "checkpoint.every": 1000}
@@ -167,10 +170,10 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(small_training_data,
       time.sleep(0.2)
     # JAX's preemption service gets the notice to every process; both stop after one step.
     procs[1].send_signal(signal.SIGTERM)  # process 0 gets none
-    texts = _wait(procs, logs, deadline)
+    texts = _wait(procs, logs, deadline, status=143)  # both exit as preempted
   finally:
     _kill(procs)
   steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
   assert len(steps) == 1 and 2 <= steps[0] < 1000, (steps, _tails(procs, logs))
   for text in texts:
-    assert f"SIGTERM: saved step {steps[0]}, stopping" in text, _tails(procs, logs)
+    assert f"stopped by SIGTERM after saving step {steps[0]}" in text, _tails(procs, logs)

@@ -119,7 +119,7 @@ def test_setup_commands_are_what_ci_runs():
 def test_synthetic_world_commands_run_verbatim(tmp_path):
   quick = [c for c in readme_commands() if _is_quick(c)]
   assert [c.split()[2] for c in quick] == [
-    "data_prep.synthetic", "data_prep.build", "data_prep.voxelise",
+    "data_prep.synthetic", "data_prep.build", "data_prep.voxelise", "data_prep.voxelise",
     "data_prep.teacher_features", "data_prep.text_embeddings",
   ]  # fmt: skip
   for command in quick:

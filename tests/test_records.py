@@ -212,7 +212,9 @@ def test_corrupt_record_names_shard_and_position(tmp_path):
   raw.write(good)
   raw.write(good[:-100])
   raw.close()
-  writer.mark_complete(0, ["tok-0", "tok-1"])
+  shard = writer.shard_path(0)
+  written = {"tokens": ["tok-0", "tok-1"], "num_bytes": os.path.getsize(shard)}
+  writer.mark_complete(0, written | {"sha256": records.file_sha256(shard)})
   writer.finalize()
   reader = records.ShardedReader(path)
   assert_same(reader[0], make_record(0))
@@ -233,3 +235,74 @@ def test_corrupt_shard_file_names_the_file(tmp_path):
     f.write(bytes(data[: len(data) // 2]))
   with pytest.raises(records.RecordError, match="buckets-00000-of-00001.array_record holds 0"):
     records.ShardedReader(tmp_path / "store")[0]
+
+
+def _damage(path, how: str) -> None:
+  data = bytearray(open(path, "rb").read())
+  if how == "flip":
+    data[len(data) // 2] ^= 0xFF
+  elif how == "truncate":
+    data = data[: len(data) // 3]
+  open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "delete"])
+def test_a_rerun_rewrites_a_damaged_shard(tmp_path, how, caplog):
+  path = tmp_path / "store"
+  writer = write_store(path)
+  shard = writer.shard_path(1)
+  before = open(shard, "rb").read()
+  untouched = os.path.getmtime(writer.shard_path(0))
+  manifest = json.loads((path / "manifest.json").read_text())
+  entry = manifest["shards"]["1"]
+  assert entry["num_bytes"] == len(before) and entry["sha256"] == records.file_sha256(shard)
+  assert records.verify_store(path) == {}
+  if how == "delete":
+    os.remove(shard)
+  else:
+    _damage(shard, how)
+  problem = records.verify_store(path)
+  assert list(problem) == ["buckets-00001-of-00003.array_record"]
+  assert {"flip": "sha256", "truncate": "bytes", "delete": "missing"}[how] in problem[
+    "buckets-00001-of-00003.array_record"
+  ]
+  with pytest.raises(records.RecordError, match="1 of 3 listed shards are damaged"):
+    records.check_store(path)
+
+  # The rerun (the same writing loop) verifies, logs the damaged shard and rewrites it alone.
+  caplog.set_level("WARNING")
+  again = records.ShardedWriter(path, CONFIG, 3, name="buckets")
+  assert again.pending == [1]
+  assert "buckets-00001-of-00003.array_record" in caplog.text and "rewriting" in caplog.text
+  with pytest.raises(records.RecordError, match="incomplete store"):  # until it is repaired
+    records.ShardedReader(path)
+  for pending in again.pending:
+    again.write_shard(pending, (make_record(i) for i in range(4, 8)))
+  again.finalize()
+  assert open(shard, "rb").read() == before
+  assert os.path.getmtime(writer.shard_path(0)) == untouched
+  assert records.check_store(path).endswith("3 of 3 shards intact (complete)")
+  assert_same(records.ShardedReader(path).get("tok-5"), make_record(5))
+
+
+def test_stores_of_older_manifests_are_verified_by_decoding(tmp_path):
+  path = tmp_path / "store"
+  write_store(path)
+  manifest = json.loads((path / "manifest.json").read_text())
+  for entry in manifest["shards"].values():  # a manifest written before sizes and checksums
+    del entry["num_bytes"], entry["sha256"]
+  (path / "manifest.json").write_text(json.dumps(manifest))
+  assert records.verify_store(path) == {}
+  _damage(path / manifest["shards"]["2"]["file"], "flip")
+  assert list(records.verify_store(path)) == [manifest["shards"]["2"]["file"]]
+
+
+def test_writer_stats_are_summed_in_the_manifest(tmp_path):
+  writer = records.ShardedWriter(tmp_path / "store", CONFIG, 2, name="buckets")
+  writer.write_shard(0, map(make_record, range(3)), {"labelled_scans": 2, "dropped_voxels": 5})
+  writer.write_shard(1, map(make_record, range(3, 4)), {"labelled_scans": 0, "dropped_voxels": 1})
+  assert writer.finalize()["stats"] == {"labelled_scans": 2, "dropped_voxels": 6}
+  assert records.ShardedReader(tmp_path / "store").stats == {
+    "labelled_scans": 2,
+    "dropped_voxels": 6,
+  }

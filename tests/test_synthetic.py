@@ -304,7 +304,7 @@ def test_cli_reports_an_existing_world(world_dir, capsys):
   argv = ["--out", str(world_dir), "--scenes", str(SCENES), "--samples-per-scene", str(SAMPLES)]
   assert cli.main([*argv, "--seed", str(SEED), "--workers", "1"]) == 0
   assert "nothing to do" in capsys.readouterr().out
-  assert cli.main([*argv, "--seed", str(SEED + 1), "--workers", "1"]) == 1
+  assert cli.main([*argv, "--seed", str(SEED + 1), "--workers", "1"]) == 2  # a user error
   assert str(world_dir) in capsys.readouterr().err
 
 

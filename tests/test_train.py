@@ -1,5 +1,6 @@
 """The pretraining loop on a small synthetic world: steps, devices, resume."""
 
+import json
 import os
 import pathlib
 import signal
@@ -15,7 +16,7 @@ from conftest import SYNTHETIC_BUILDER
 from configs import pretrain
 from data_prep import teacher_features
 from data_prep.builders import data_source
-from reldistill_jax import records, teachers, train
+from reldistill_jax import errors, records, runtime, teachers, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ARG = "loss=relational,teacher=synthetic,dataset=synthetic,runlocal"
@@ -45,6 +46,7 @@ def _config(data, **extra):
 
 def test_training_runs_and_writes_its_outputs(small_training_data, tmp_path):
   out = train.train_and_evaluate(_config(small_training_data), tmp_path)
+  assert json.loads((tmp_path / "config.json").read_text())["loss"]["name"] == "relational"
   m = out["measurements"]
   for key in ("loss", "loss/cross", "loss/intra", "grad_norm", "param_norm", "update_norm"):
     assert np.isfinite(m[key]) and m[key] >= 0, key
@@ -56,6 +58,12 @@ def test_training_runs_and_writes_its_outputs(small_training_data, tmp_path):
     "4",
   ]
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  # A restart with another loss is refused before any step, naming the field.
+  with pytest.raises(errors.ConfigError, match=r"loss.name: 'relational' -> 'contrastive'"):
+    train.train_and_evaluate(_config(small_training_data, **{"loss.name": "contrastive"}), tmp_path)
+  # A finished run restarted for nothing keeps its last measurements.
+  again = train.train_and_evaluate(_config(small_training_data), tmp_path)
+  assert again["measurements"]["loss"] == m["loss"] and len(again["history"]) == 4
 
 
 def test_eight_devices_give_the_one_device_loss(small_training_data, tmp_path):
@@ -95,8 +103,8 @@ def test_resume_after_sigkill_is_exact(small_training_data, tmp_path):
 
   resumed = _main(args, tmp_path / "killed")
   assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-3000:]
-  a = train.load_params(tmp_path / "full" / "checkpoints")
-  b = train.load_params(tmp_path / "killed" / "checkpoints")
+  a = runtime.load_params(tmp_path / "full" / "checkpoints")
+  b = runtime.load_params(tmp_path / "killed" / "checkpoints")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -126,12 +134,12 @@ def test_bad_inputs_fail_before_training(small_training_data, pipeline, tmp_path
 
 
 def test_non_finite_loss_names_the_step_and_samples():
-  with pytest.raises(FloatingPointError, match=r"at step 7; batch samples: \['tok-a', 'tok-b'\]"):
-    train.check_finite({"loss": np.float32("nan")}, 7, np.array([b"tok-a", b"tok-b"], object))
-  train.check_finite({"loss": np.float32(1.5)}, 7, np.array([b"tok-a"], object))
+  with pytest.raises(errors.Diverged, match=r"at step 7; batch samples: \['tok-a', 'tok-b'\]"):
+    runtime.check_finite({"loss": np.float32("nan")}, 7, np.array([b"tok-a", b"tok-b"], object))
+  runtime.check_finite({"loss": np.float32(1.5)}, 7, np.array([b"tok-a"], object))
 
 
-def test_sigterm_saves_and_exits_cleanly(small_training_data, tmp_path):
+def test_sigterm_saves_and_exits_143(small_training_data, tmp_path):
   args = [f"--config.input.buckets={small_training_data['buckets']}"]
   args += [f"--config.input.features={small_training_data['features']}"]
   args += [
@@ -145,6 +153,13 @@ def test_sigterm_saves_and_exits_cleanly(small_training_data, tmp_path):
       break
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err.decode()[-3000:]
+  # A distinct non-zero status, so that a scheduler restarts the job.
+  assert proc.returncode == errors.Preempted.exit_status == 143, err.decode()[-3000:]
   steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
   assert len(steps) == 1 and 1 <= steps[0] < 1000
+  last = err.decode().strip().splitlines()[-1]
+  assert (
+    last
+    == f"error: stopped by SIGTERM after saving step {steps[0]}; run the same command again to resume"
+  )
+  assert "Traceback" not in err.decode()

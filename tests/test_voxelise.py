@@ -13,7 +13,7 @@ import pytest
 
 from data_prep import build, voxelise
 from data_prep.builders import data_source
-from reldistill_jax import records, serialization
+from reldistill_jax import errors, input_pipeline, records, serialization
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PARAMS = dict(
@@ -131,16 +131,30 @@ def test_bad_scans_stop_the_run(tmp_path, points, message):
     records.ShardedReader(tmp_path)
 
 
-def test_real_nuscenes_keyframe_keeps_its_pairs(realdata, tmp_path):
+def test_real_nuscenes_keyframe_keeps_its_pairs(realdata, tmp_path, caplog):
   root = tmp_path / "nuscenes"
   shutil.copytree(realdata / "mmdetection3d-nuscenes-demo", root)
+  caplog.set_level("WARNING")
   build.build("nuscenes_lidarseg", str(root), str(tmp_path / "tfds"))
+  # The demo dataroot has no lidarseg/ folder: the build says so, naming what is missing.
+  assert "split train: 1 of 1 scans have no labels" in caplog.text
+  assert "lidarseg/v1.0-mini-subset/<token>_lidarseg.bin" in caplog.text
   builder = "nuscenes_lidarseg/v1.0-mini-subset"
   open_source = functools.partial(
     voxelise.open_builder_split, str(tmp_path / "tfds"), builder, "train"
   )
   config = voxelise.bucket_config(builder, "train", 1)
+  caplog.clear()
   voxelise.voxelise_split(open_source, str(tmp_path / "buckets"), config)
+  assert "1 of 1 scans of nuscenes_lidarseg/v1.0-mini-subset split train have no labels" in (
+    caplog.text
+  )
+  store = records.ShardedReader(tmp_path / "buckets")
+  assert store.stats == {"labelled_scans": 0, "dropped_voxels": 0}
+  # Fine-tuning and evaluation refuse it; pretraining does not ask.
+  for use, every in (("fine-tuning", False), ("evaluation", True)):
+    with pytest.raises(errors.DataError, match=f"0 of 1 scans have labels, and {use} needs"):
+      input_pipeline.require_labels(store, use, every)
   scan = open_source()[0]
   bucket = records.ShardedReader(tmp_path / "buckets", expected_config=config)[0]
   assert bucket["token"] == scan["token"].decode()

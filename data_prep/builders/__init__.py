@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from data_prep.builders.nuscenes_lidarseg import NuscenesLidarseg
 from data_prep.builders.semantic_kitti import SemanticKitti
+from reldistill_jax import errors
 
 BUILDERS = {"nuscenes_lidarseg": NuscenesLidarseg, "semantic_kitti": SemanticKitti}
 
@@ -29,8 +30,16 @@ def data_source(data_dir: str | pathlib.Path, builder: str, split: str):
 
   Raises:
     FileNotFoundError: if that builder, config or split was not built there.
+    errors.DataError: the split (or slice) holds no records, or a builder with
+      configs is named without one.
   """
   name, _, config = builder.partition("/")
+  if name in BUILDERS and BUILDERS[name].BUILDER_CONFIGS and not config:
+    built = sorted(p.name for p in (pathlib.Path(data_dir) / name).glob("[!.]*") if p.is_dir())
+    raise errors.DataError(
+      f"{name} has one config per version folder: name one, e.g. {name}/v1.0-trainval "
+      f"(built in {data_dir}: {', '.join(f'{name}/{c}' for c in built) or 'none'})"
+    )
   root = pathlib.Path(data_dir) / name / config if config else pathlib.Path(data_dir) / name
   if not root.is_dir():
     raise FileNotFoundError(
@@ -44,5 +53,14 @@ def data_source(data_dir: str | pathlib.Path, builder: str, split: str):
     raise FileNotFoundError(
       f"{dataset.data_dir}: split {base_split!r} not built "
       f"(available: {sorted(dataset.info.splits)})"
+    )
+  try:
+    size = dataset.info.splits[split].num_examples
+  except (KeyError, ValueError, AssertionError) as e:
+    raise errors.DataError(f"{builder}: split {split!r} cannot be read ({e})") from None
+  if not size:
+    raise errors.DataError(
+      f"{dataset.data_dir}: split {split!r} holds no records; choose a split (or slice) with "
+      f"records (sizes: { {k: v.num_examples for k, v in dataset.info.splits.items()} })"
     )
   return dataset.as_data_source(split=split)

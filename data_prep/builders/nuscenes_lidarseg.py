@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep import nuscenes, resources
+from data_prep.builders import offline
 
 
 # Scene lists behind every split, as set operations on the shipped lists.
@@ -58,7 +59,7 @@ def split_scene_names() -> dict[str, frozenset[str]]:
   }
 
 
-class NuscenesLidarseg(tfds.core.GeneratorBasedBuilder):
+class NuscenesLidarseg(offline.OfflineBuilder):
   """nuScenes lidarseg keyframes with point-to-pixel pairs for six cameras."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -66,6 +67,9 @@ class NuscenesLidarseg(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [
     tfds.core.BuilderConfig(name="v1.0-mini", description="nuScenes v1.0-mini."),
     tfds.core.BuilderConfig(name="v1.0-trainval", description="nuScenes v1.0-trainval."),
+    tfds.core.BuilderConfig(
+      name="v1.0-synthetic", description="The synthetic world of data_prep.synthetic."
+    ),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Download nuScenes (https://www.nuscenes.org/download): the metadata and
@@ -112,7 +116,7 @@ class NuscenesLidarseg(tfds.core.GeneratorBasedBuilder):
     for split, names in split_scene_names().items():
       scenes = [s for s in dataset.scenes if s["name"] in names]
       if scenes:
-        generators[split] = self._generate_examples(dataset, scenes)
+        generators[split] = self._generate_examples(dataset, scenes, split)
     if not generators:
       raise nuscenes.DatarootError(
         f"{dataset.dataroot / dataset.version / 'scene.json'}: none of its "
@@ -120,10 +124,19 @@ class NuscenesLidarseg(tfds.core.GeneratorBasedBuilder):
       )
     return generators
 
-  def _generate_examples(self, dataset: nuscenes.NuScenes, scenes: list[dict]):
+  def _generate_examples(self, dataset: nuscenes.NuScenes, scenes: list[dict], split: str):
+    total = unlabelled = 0
     for scene in scenes:
       for sample_token in dataset.scene_samples(scene):
-        yield sample_token, dataset.keyframe(sample_token, scene["name"])
+        record = dataset.keyframe(sample_token, scene["name"])
+        total += 1
+        unlabelled += not record["has_labels"]
+        yield sample_token, record
+    missing = (
+      f"no lidarseg/{dataset.version}/<token>_lidarseg.bin in {dataset.dataroot}; extract the "
+      "nuScenes-lidarseg archive into the dataroot"
+    )
+    self.warn_unlabelled(split, unlabelled, total, missing)
 
 
 _CITATION = """\

@@ -22,7 +22,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep import pointfiles
-from reldistill_jax import classes
+from data_prep.builders import offline
+from reldistill_jax import classes, errors
 
 TRAIN_SEQUENCES = ("00", "01", "02", "03", "04", "05", "06", "07", "09", "10")
 VAL_SEQUENCES = ("08",)
@@ -31,7 +32,7 @@ ONE_PERCENT_STEP = 100
 POINT_DIMS = 4
 
 
-class KittiError(ValueError):
+class KittiError(errors.DataError):
   """A SemanticKITTI folder is missing a file or holds a malformed one."""
 
 
@@ -96,7 +97,7 @@ def scan_record(path: pathlib.Path) -> dict:
   }
 
 
-class SemanticKitti(tfds.core.GeneratorBasedBuilder):
+class SemanticKitti(offline.OfflineBuilder):
   """SemanticKITTI scans with 19-class labels."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -131,12 +132,17 @@ class SemanticKitti(tfds.core.GeneratorBasedBuilder):
     splits = split_scans(root)
     if not splits:
       raise KittiError(f"{root}: no scans found under sequences/NN/velodyne/")
-    return {name: self._generate_examples(paths) for name, paths in splits.items()}
+    return {name: self._generate_examples(paths, name) for name, paths in splits.items()}
 
-  def _generate_examples(self, paths: list[pathlib.Path]):
+  def _generate_examples(self, paths: list[pathlib.Path], split: str):
+    unlabelled = 0
     for path in paths:
       record = scan_record(path)
+      unlabelled += not record["has_labels"]
       yield record["token"], record
+    if split != "test":  # SemanticKITTI publishes no test labels
+      missing = "no sequences/NN/labels/*.label beside the scans; extract the SemanticKITTI labels"
+      self.warn_unlabelled(split, unlabelled, len(paths), missing)
 
 
 _CITATION = """\

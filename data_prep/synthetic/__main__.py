@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     )
   except FileExistsError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 1
+    return 2
   if stats is None:
     print(f"{args.out} already holds this synthetic world (identical meta.json); nothing to do")
     return 0

@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_prep.synthetic import lidar, render, tables, world
+from reldistill_jax import errors
 from reldistill_jax.classes import NUSCENES_CAMERAS
 
 FORMAT_VERSION = 1
@@ -157,21 +158,23 @@ def _check_existing(out: pathlib.Path, meta: dict) -> bool:
 def validate(scenes: int, samples_per_scene: int, seed: int, version: str, workers: int) -> None:
   """Raises ValueError with a clear message for unusable arguments."""
   if scenes < 2:
-    raise ValueError(
+    raise errors.ConfigError(
       f"--scenes must be at least 2 (one validation and one training scene), got {scenes}"
     )
   if samples_per_scene < 1:
-    raise ValueError(f"--samples-per-scene must be positive, got {samples_per_scene}")
+    raise errors.ConfigError(f"--samples-per-scene must be positive, got {samples_per_scene}")
   if seed < 0:
-    raise ValueError(f"--seed must be non-negative, got {seed}")
+    raise errors.ConfigError(f"--seed must be non-negative, got {seed}")
   if workers < 1:
-    raise ValueError(f"--workers must be positive, got {workers}")
+    raise errors.ConfigError(f"--workers must be positive, got {workers}")
   if not version or "/" in version or version.startswith("."):
-    raise ValueError(f"--version must be a plain folder name, got {version!r}")
+    raise errors.ConfigError(f"--version must be a plain folder name, got {version!r}")
   try:
     tables.scene_names(seed, scenes)
   except ValueError as e:
-    raise ValueError(f"--scenes {scenes} is too many for the nuScenes split lists: {e}") from None
+    raise errors.ConfigError(
+      f"--scenes {scenes} is too many for the nuScenes split lists: {e}"
+    ) from None
 
 
 def generate(
@@ -248,7 +251,7 @@ def generate(
 
 def _run_jobs(jobs: list, root: str, workers: int) -> list[dict]:
   """Renders all jobs with a progress bar; results in job order."""
-  bar = tqdm(total=len(jobs), unit="sample", desc="synthetic world")
+  bar = tqdm(total=len(jobs), unit="sample", desc="synthetic world", disable=None)  # TTY only
   results = [None] * len(jobs)
   if workers == 1:
     for i, job in enumerate(jobs):

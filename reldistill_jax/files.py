@@ -1,0 +1,25 @@
+"""Writing files so that a crash never leaves a partial one: `atomic_write`."""
+
+import os
+import pathlib
+import tempfile
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> pathlib.Path:
+  """Writes `data` to a temporary file beside `path`, syncs it, then renames it over `path`.
+
+  Readers see the old file or the new one, never a partial one.
+  """
+  path = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data.encode() if isinstance(data, str) else data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+  return path

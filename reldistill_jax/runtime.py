@@ -1,0 +1,389 @@
+"""What the training loops share: mesh, model factory, state, checkpoints, the loop itself.
+
+`train.py` (pretraining) and `finetune.py` (few-shot fine-tuning, linear
+probing) are each one readable function built from these parts, and the
+evaluations (`evaluation_runs.py`, `pipeline.py`) load models through them.
+
+  make_mesh, make_model          the 1-D `data` mesh; the student of `config.model`
+  sharded_state                  a train state's shapes, shardings and initial value
+  record_config                  the workdir's config.json, and the restart check
+  checkpoint_manager, save_checkpoint, restore_checkpoint, load_params
+                                 orbax checkpoints of the state and the grain iterator
+  run_loop                       steps, logging, checkpoints, SIGTERM, non-finite stop
+
+The config a run was started with is written to `workdir/config.json`; every
+change accepted on a restart goes to `workdir/config_changes.jsonl`. A restart
+whose config differs in a field that changes the result is refused naming
+every such field, unless `override` is set (`--override_config`).
+"""
+
+import datetime
+import importlib
+import json
+import pathlib
+import signal
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from reldistill_jax import errors, files, input_pipeline, records
+from reldistill_jax import metrics_writer as mw
+
+CONFIG_FILE = "config.json"
+CONFIG_CHANGES_FILE = "config_changes.jsonl"
+# Fields that only extend or observe a run: they may change on a restart (logged).
+EXTENDS = ("num_steps", "num_epochs")
+OBSERVES = (
+  "log_every",
+  "checkpoint.every",
+  "checkpoint.keep",
+  "input.num_threads",
+  "input.prefetch",
+  "eval.batch_size",
+)
+
+
+# ----------------------------------------------------------------------------
+# Mesh, model, state.
+# ----------------------------------------------------------------------------
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """A 1-D `data` mesh over every device (or `config.mesh.data` of them)."""
+  n = config.mesh.data if config.mesh.data > 0 else jax.device_count()
+  return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def make_model(config: ml_collections.ConfigDict):
+  """The student named by `config.model.name` (a module of reldistill_jax.models)."""
+  module = importlib.import_module(f"reldistill_jax.models.{config.model.name}")
+  return module.Model(
+    variant=config.model.variant,
+    out_dim=config.model.out_dim,
+    patch_size=config.model.patch_size,
+    num_curves=config.model.num_curves,
+    dtype=jnp.dtype(config.model.dtype),
+  )
+
+
+def weight_decay_mask(params):
+  """True for the parameters that decay: no weight decay on biases, norms and other vectors."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def check_patch_size(config: ml_collections.ConfigDict, buckets: records.ShardedReader) -> None:
+  """Fails when the model's patch size is not the one the buckets were serialised for."""
+  if config.model.patch_size != buckets.config["patch_size"]:
+    raise errors.ConfigError(
+      f"config.model.patch_size {config.model.patch_size} differs from the buckets' "
+      f"{buckets.config['patch_size']} ({buckets.path}); set --config.model.patch_size="
+      f"{buckets.config['patch_size']}"
+    )
+
+
+def sharded_state(init_params: Callable, tx, seed: int, mesh: jax.sharding.Mesh):
+  """A train state {"params", "opt_state", "step"} replicated on `mesh`, shape first.
+
+  Args:
+    init_params: `init_params(rng) -> params`.
+    tx: the optimizer.
+    seed: seed of the initial parameters.
+    mesh: the mesh.
+
+  Returns:
+    (abstract, sharding, abstract_sharded, make): the state's shapes, its
+    (replicated) shardings, the shapes carrying those shardings (orbax's restore
+    target), and `make()`, the initial state built directly on the devices.
+  """
+
+  def init(rng):
+    params = init_params(rng)
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  replicated = NamedSharding(mesh, P())
+  abstract = jax.eval_shape(init, jax.random.key(seed))
+  sharding = jax.tree.map(lambda _: replicated, abstract)
+  abstract_sharded = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sharding
+  )
+  make = lambda: jax.jit(init, out_shardings=sharding)(jax.random.key(seed))
+  return abstract, sharding, abstract_sharded, make
+
+
+# ----------------------------------------------------------------------------
+# The config in the workdir.
+# ----------------------------------------------------------------------------
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      out |= _flatten(value, f"{name}.")
+    else:
+      out[name] = value
+  return out
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON values (tuples as lists), as config.json holds it."""
+  return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def may_change(kind: str | None) -> tuple[str, ...]:
+  """The fields of a config of `kind` that a restart may change (module docstring)."""
+  if kind == "default":
+    # Extending one stage of the default would leave later stages stale: only observers.
+    runs = [f"{run}.{field}" for run in ("pretrain", "finetune") for field in OBSERVES]
+    return (*runs, "eval.batch_size", "data.workers")
+  return (*EXTENDS, *OBSERVES)
+
+
+def record_config(
+  config: ml_collections.ConfigDict, workdir: str | pathlib.Path, override: bool = False
+) -> None:
+  """Writes `workdir/config.json` on a first start; on a restart, checks the config against it.
+
+  Raises:
+    errors.ConfigError: the config differs from the workdir's in a field that
+      changes the result (each one named), and `override` is not set.
+  """
+  workdir = pathlib.Path(workdir)
+  path, changes_path = workdir / CONFIG_FILE, workdir / CONFIG_CHANGES_FILE
+  current = _flatten(config_dict(config))
+  writer = jax.process_index() == 0
+  if not path.is_file():
+    if writer:
+      workdir.mkdir(parents=True, exist_ok=True)
+      files.atomic_write(path, json.dumps(config_dict(config), indent=1) + "\n")
+    return
+  effective = _flatten(json.loads(path.read_text()))
+  if changes_path.is_file():
+    for line in changes_path.read_text().splitlines():
+      effective |= {k: new for k, (_, new) in json.loads(line)["fields"].items()}
+  differ = {
+    k: (effective.get(k, "<absent>"), current.get(k, "<absent>"))
+    for k in sorted(set(effective) | set(current))
+    if effective.get(k, "<absent>") != current.get(k, "<absent>")
+  }
+  if not differ:
+    return
+  allowed = may_change(config.get("kind"))
+  refused = [k for k in differ if k not in allowed]
+  described = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differ.items())
+  if refused and not override:
+    raise errors.ConfigError(
+      f"{workdir} was started with another config ({len(refused)} field(s) that change the "
+      f"result differ: {', '.join(refused)}; {described}): use another --workdir, set those "
+      "fields back, or pass --override_config to continue with the new values"
+    )
+  logging.log(
+    logging.WARNING if refused else logging.INFO,
+    "%s: config changed on restart%s: %s",
+    workdir,
+    " (--override_config)" if refused else "",
+    described,
+  )
+  if writer:
+    entry = {
+      "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+      "override": bool(refused),
+      "fields": {k: list(v) for k, v in differ.items()},
+    }
+    with changes_path.open("a") as f:
+      f.write(json.dumps(entry) + "\n")
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints.
+# ----------------------------------------------------------------------------
+
+
+def checkpoint_manager(workdir: pathlib.Path, keep: int) -> ocp.CheckpointManager:
+  """The manager of `workdir/checkpoints`, keeping the last `keep` checkpoints."""
+  return ocp.CheckpointManager(
+    (pathlib.Path(workdir) / "checkpoints").absolute(),
+    options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+  )
+
+
+def save_checkpoint(manager, step: int, state, iterator) -> None:
+  """Saves the train state and the grain iterator's position at `step`."""
+  manager.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)
+    ),
+    force=True,
+  )
+
+
+def restore_checkpoint(manager, resume: str | None, abstract_sharded, iterator):
+  """The state (and iterator position) of the workdir's latest checkpoint, else of
+  the latest in the folder `resume`; None when there is neither."""
+  args = lambda: ocp.args.Composite(
+    state=ocp.args.StandardRestore(abstract_sharded),
+    data=grain.checkpoint.CheckpointRestore(iterator),
+  )
+  if manager.latest_step() is not None:
+    logging.info("resuming from %s step %d", manager.directory, manager.latest_step())
+    return manager.restore(manager.latest_step(), args=args())["state"]
+  if resume:
+    other = ocp.CheckpointManager(pathlib.Path(resume).absolute())
+    if other.latest_step() is None:
+      raise errors.DataError(
+        f"config.checkpoint.resume: no checkpoint in {resume} (give a run's checkpoints/ folder)"
+      )
+    return other.restore(other.latest_step(), args=args())["state"]
+  return None
+
+
+def load_params(checkpoints: str | pathlib.Path, sharding: jax.sharding.Sharding | None = None):
+  """The student parameters of the latest checkpoint in a checkpoint folder.
+
+  Args:
+    checkpoints: the folder.
+    sharding: where to put every array (a checkpoint written on other devices needs one);
+      None: the devices the checkpoint was written from.
+  """
+  folder = pathlib.Path(checkpoints).absolute()
+  if not folder.is_dir():
+    raise errors.DataError(
+      f"{checkpoints}: not a checkpoint folder (give a run's checkpoints/ folder)"
+    )
+  manager = ocp.CheckpointManager(folder, item_handlers={"state": ocp.StandardCheckpointHandler()})
+  step = manager.latest_step()
+  if step is None:
+    raise errors.DataError(
+      f"{checkpoints}: no checkpoint to take parameters from (give a run's checkpoints/ folder)"
+    )
+  target = None
+  if sharding is not None:
+    target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+      manager.item_metadata(step)["state"],
+    )
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  return restored["state"]["params"]
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------
+
+
+class StopRequest:
+  """Set by SIGTERM: the loop saves a checkpoint and raises `errors.Preempted`.
+
+  With several processes SIGTERM is left to JAX's preemption service instead (installed by
+  `jax.distributed.initialize`): a notice to any process makes every process stop after the
+  same step (`multihost_utils.reached_preemption_sync_point`), so none waits in a collective
+  for another that stopped.
+  """
+
+  requested = False
+
+  @classmethod
+  def handler(cls, signum, frame):
+    del signum, frame
+    cls.requested = True
+
+
+def run_loop(
+  state,
+  step_fn,
+  iterator: Iterable,
+  data_sharding,
+  manager: ocp.CheckpointManager,
+  workdir: pathlib.Path,
+  *,
+  start: int,
+  num_steps: int,
+  log_every: int,
+  checkpoint_every: int,
+  name: str,
+):
+  """The training loop shared by pretraining and fine-tuning.
+
+  Runs `step_fn(state, batch) -> (state, measurements)` from step `start` to
+  `num_steps`: measurements every `log_every` steps to TensorBoard, the
+  run's history and one console line, checkpoints every `checkpoint_every`
+  steps and at the end.
+
+  Returns:
+    (state, last measurements, history of logged measurements). The history
+    holds the steps logged before a restart too, so a finished run rerun for
+    nothing still returns its last measurements.
+
+  Raises:
+    errors.Preempted: after SIGTERM, once the checkpoint is saved.
+    errors.Diverged: a non-finite loss, naming the step and the batch's samples.
+  """
+  writer = mw.MetricWriter(workdir, start, name, enabled=jax.process_index() == 0)
+  several = jax.process_count() > 1
+  previous = None if several else signal.signal(signal.SIGTERM, StopRequest.handler)
+  StopRequest.requested = stop = False
+  measurements, pending, t0 = {}, None, time.perf_counter()
+  try:
+    # Implicit host <-> device transfers fail loudly; the loop's are explicit.
+    with jax.transfer_guard("disallow"):
+      for step in range(start, num_steps):
+        batch = next(iterator)
+        tokens = batch["token"]
+        state, out = step_fn(state, input_pipeline.to_device(batch, data_sharding))
+        # The previous step's loss is checked while this one runs.
+        if pending is not None:
+          check_finite(*pending)
+        pending = (out, step + 1, tokens)
+        if (step + 1) % log_every == 0 or step + 1 == num_steps:
+          check_finite(*pending)
+          measurements = {k: float(v) for k, v in jax.device_get(out).items()}
+          measurements["step_time"] = (time.perf_counter() - t0) / log_every
+          if "pairs" in measurements:
+            measurements["pairs_per_second"] = measurements["pairs"] / measurements["step_time"]
+          writer.write(step + 1, measurements, num_steps)
+          t0 = time.perf_counter()
+        last = step + 1 == num_steps
+        if several:
+          stop = multihost_utils.reached_preemption_sync_point(step + 1)
+        else:
+          stop = StopRequest.requested
+        if (step + 1) % checkpoint_every == 0 or last or stop:
+          save_checkpoint(manager, step + 1, state, iterator)
+        if stop:
+          manager.wait_until_finished()
+          raise errors.Preempted(step + 1)
+    if pending is not None:
+      check_finite(*pending)
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+    manager.wait_until_finished()
+    writer.close()
+  history = writer.history
+  if not measurements and history:  # nothing left to run: the last logged step
+    measurements = {k: v for k, v in history[-1].items() if k != "step"}
+  return state, measurements, history
+
+
+def check_finite(out, step: int, tokens) -> None:
+  """Stops the run on a non-finite loss, naming the step and the batch's samples."""
+  loss = float(jax.device_get(out["loss"]))
+  if not np.isfinite(loss):
+    names = [t.decode() if isinstance(t, bytes) else str(t) for t in np.asarray(tokens).ravel()]
+    raise errors.Diverged(
+      f"non-finite loss {loss} at step {step}; batch samples: {names}. Lower "
+      "config.optimizer.lr (or set config.optimizer.clip_norm), or check those samples"
+    )

@@ -1,0 +1,118 @@
+"""User errors through the entry points: one line naming the field, file or split, exit status 2.
+
+Each case runs the real command in a subprocess and checks its status, that
+stderr ends in one `error:` line naming what is wrong, that no traceback is
+printed, and that nothing was written.
+"""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import SYNTHETIC_BUILDER
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PRETRAIN = (
+  "--config=configs/pretrain.py:loss=relational,teacher=synthetic,dataset=synthetic,runlocal"
+)
+
+
+def _run(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return subprocess.run(
+    [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
+    timeout=timeout,
+  )  # fmt: skip
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *named: str, status: int = 2) -> str:
+  assert proc.returncode == status, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0]), proc.stderr[-3000:]
+  for text in named:
+    assert text in errors[0], errors[0]
+  return errors[0]
+
+
+def _pretrain(data, workdir, *overrides: str) -> list[str]:
+  return [
+    "reldistill_jax.main", PRETRAIN, f"--workdir={workdir}",
+    f"--config.input.buckets={data['buckets']}", f"--config.input.features={data['features']}",
+    "--config.input.capacity=8192", "--config.model.patch_size=128", "--config.mesh.data=1",
+    *overrides,
+  ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+  "override, named",
+  [
+    ("--config.optimizer.lrr=1e-3", ("--config.optimizer.lrr", "optimizer.lr?")),
+    ("--config.input.batch_size=0", ("config.input.batch_size=0", ">= 1")),
+    ("--config.input.batch_size=abc", ("--config.input.batch_size=abc",)),
+    ("--config.loss.name=hinge", ("config.loss.name='hinge'", "relational")),
+    ("--config.input.capacity=1000", ("config.input.capacity=1000", "multiple")),
+    ("--config.input.buckets=/nonexistent/buckets", ("/nonexistent/buckets",)),
+  ],
+)
+def test_bad_config_values_are_one_line(small_training_data, tmp_path, override, named):
+  workdir = tmp_path / "run"
+  _one_line_error(_run(_pretrain(small_training_data, workdir, override)), *named)
+  assert not workdir.exists()  # checked before the workdir is created
+
+
+def test_a_damaged_shard_is_named_and_a_rerun_repairs_it(pipeline, tmp_path):
+  out = tmp_path / "buckets"
+  voxelise = [
+    "data_prep.voxelise", f"--data_dir={pipeline['tfds']}", f"--builder={SYNTHETIC_BUILDER}",
+    "--split=val", f"--out={out}", "--voxel_size=0.4", "--num_stages=2", "--patch_size=128",
+    "--capacities=4096,8192", "--records_per_shard=1", "--workers=1",
+  ]  # fmt: skip
+  assert _run(voxelise).returncode == 0
+  shard = sorted(out.glob("*.array_record"))[1]
+  intact = shard.read_bytes()
+  shard.write_bytes(intact[: len(intact) // 2])  # truncated
+  error = _one_line_error(_run(["data_prep.voxelise", f"--out={out}", "--verify"]), shard.name)
+  assert "1 of 2 listed shards are damaged" in error
+  # The writing command, run again, rewrites that shard (and says so) and nothing else.
+  again = _run(voxelise)
+  assert again.returncode == 0 and f"shard {shard.name}" in again.stderr, again.stderr
+  assert "rewriting it" in again.stderr and shard.read_bytes() == intact
+  assert _run(["data_prep.voxelise", f"--out={out}", "--verify"]).returncode == 0
+
+
+def test_an_empty_split_is_named(pipeline, tmp_path):
+  args = [
+    "data_prep.voxelise", f"--data_dir={pipeline['tfds']}", f"--builder={SYNTHETIC_BUILDER}",
+    "--split=train[:0]", f"--out={tmp_path / 'out'}",
+  ]  # fmt: skip
+  _one_line_error(_run(args), "split 'train[:0]' holds no records")
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_changed_config_is_refused_through_the_entry_point(small_training_data, tmp_path):
+  first = _run(_pretrain(small_training_data, tmp_path, "--config.num_steps=1"))
+  assert first.returncode == 0, first.stderr[-3000:]
+  before = sorted(p.name for p in tmp_path.rglob("*"))
+  changed = _run(_pretrain(small_training_data, tmp_path, "--config.num_steps=1",
+                           "--config.loss.name=contrastive"))  # fmt: skip
+  _one_line_error(changed, "loss.name: 'relational' -> 'contrastive'", "--override_config")
+  assert sorted(p.name for p in tmp_path.rglob("*")) == before
+  # --verbose: the same error, with its traceback.
+  verbose = _run(_pretrain(small_training_data, tmp_path, "--config.num_steps=1",
+                           "--config.loss.name=contrastive", "--verbose"))  # fmt: skip
+  assert verbose.returncode == 2 and "Traceback" in verbose.stderr
+
+
+def test_a_corrupt_store_met_in_training_is_one_line(small_training_data, tmp_path):
+  data = dict(small_training_data, buckets=tmp_path / "buckets")
+  shutil.copytree(small_training_data["buckets"], data["buckets"])
+  shard = sorted(data["buckets"].glob("*.array_record"))[0]
+  raw = bytearray(shard.read_bytes())
+  raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
+  shard.write_bytes(bytes(raw))
+  proc = _run(_pretrain(data, tmp_path / "run", "--config.num_steps=2"))
+  _one_line_error(proc, shard.name, "rerun the command that writes the store")

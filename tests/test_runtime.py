@@ -1,0 +1,88 @@
+"""What the loops share: the config kept in the workdir, and the history that survives restarts."""
+
+import json
+
+import pytest
+
+from configs import default, pretrain
+from reldistill_jax import errors, metrics_writer, runtime
+
+
+def _config(**fields):
+  config = pretrain.get_config("loss=relational,teacher=synthetic,dataset=synthetic,runlocal")
+  for key, value in fields.items():
+    node = config
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def _changes(workdir) -> list[dict]:
+  path = workdir / runtime.CONFIG_CHANGES_FILE
+  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_restart_with_a_changed_config_is_refused_naming_each_field(tmp_path):
+  runtime.record_config(_config(), tmp_path)
+  started = json.loads((tmp_path / "config.json").read_text())
+  assert started["loss"]["name"] == "relational" and started["input"]["augment"]["scale"] == [
+    0.95,
+    1.05,
+  ]
+  runtime.record_config(_config(), tmp_path)  # the same config: nothing to say
+  assert _changes(tmp_path) == []
+
+  changed = _config(**{"loss.name": "contrastive", "optimizer.lr": 1e-3})
+  with pytest.raises(errors.ConfigError) as refused:
+    runtime.record_config(changed, tmp_path)
+  message = str(refused.value)
+  assert "loss.name" in message and "optimizer.lr" in message and "--override_config" in message
+  assert "'relational' -> 'contrastive'" in message
+  assert json.loads((tmp_path / "config.json").read_text()) == started
+  assert _changes(tmp_path) == []
+
+  # --override_config accepts it and records it; the next restart compares with the new values.
+  runtime.record_config(changed, tmp_path, override=True)
+  (change,) = _changes(tmp_path)
+  assert change["override"] and change["fields"]["loss.name"] == ["relational", "contrastive"]
+  runtime.record_config(changed, tmp_path)
+  with pytest.raises(errors.ConfigError, match="loss.name"):
+    runtime.record_config(_config(), tmp_path)
+  assert json.loads((tmp_path / "config.json").read_text()) == started  # what it started with
+
+
+def test_fields_that_only_extend_or_observe_a_run_may_change(tmp_path, caplog):
+  runtime.record_config(_config(), tmp_path)
+  caplog.set_level("INFO")
+  extended = {"num_steps": 60, "log_every": 5, "checkpoint.every": 7, "checkpoint.keep": 1}
+  runtime.record_config(_config(**extended), tmp_path)
+  (change,) = _changes(tmp_path)
+  assert not change["override"] and sorted(change["fields"]) == sorted(extended)
+  assert "num_steps: 6 -> 60" in caplog.text
+
+
+def test_the_default_refuses_extending_one_stage(tmp_path):
+  """Extending pretraining alone would leave the few-shot stage trained on the old encoder."""
+  config = default.get_config("runlocal")
+  runtime.record_config(config, tmp_path)
+  config.pretrain.log_every = 1
+  runtime.record_config(config, tmp_path)
+  config.pretrain.num_steps = 40
+  with pytest.raises(errors.ConfigError, match="pretrain.num_steps"):
+    runtime.record_config(config, tmp_path)
+
+
+def test_history_survives_a_restart_up_to_the_restored_step(tmp_path):
+  writer = metrics_writer.MetricWriter(tmp_path, 0, "pretrain")
+  for step in (2, 4, 6):
+    writer.write(step, {"loss": 1.0 / step, "loss/cross": 0.5, "step_time": 0.1}, 8)
+  writer.close()
+  # The run died after its checkpoint of step 4: steps 5 and 6 are run again.
+  again = metrics_writer.MetricWriter(tmp_path, 4, "pretrain")
+  assert [r["step"] for r in again.history] == [2, 4]
+  again.write(6, {"loss": 0.2, "step_time": 0.1}, 8)
+  again.close()
+  lines = (tmp_path / metrics_writer.HISTORY_FILE).read_text().splitlines()
+  assert [json.loads(line)["loss"] for line in lines] == [0.5, 0.25, 0.2]
