@@ -4,17 +4,17 @@
       [--buckets DIR --features DIR] [--train_step_json train_step.json]
 
 The pipeline is the one pretraining reads: `train.open_data` (the bucket store
-through `records.ShardedReader`, the teacher feature store, the
-`input_pipeline.Transform` with the config's augmentation and pair sampling,
-`input_pipeline.dataset`'s shuffle, repeat and batch) and `input_pipeline.process_dataset`
-(grain `to_iter_dataset` with `config.input.num_threads` threads and
-`config.input.prefetch` batches of read-ahead), with the config of
-`configs/pretrain.py` (`--config`; batch 16, capacity 32,768, 4,096 pair slots
-per scan). For each thread count of `--threads` a fresh iterator is opened;
+through `records.ShardedReader`, the teacher feature store, the pack budgets
+fitted to the store, the `input_pipeline.Transform` with the config's
+augmentation and pair sampling, the packs of `packing.PackPlan`) and
+`input_pipeline.process_dataset` (grain `to_iter_dataset` with
+`config.input.num_threads` threads and `config.input.prefetch` batches of
+read-ahead), on one device, with the config of `configs/pretrain.py`
+(`--config`; batch 16 in packs of 4, 4,096 pair slots per scan). For each thread count of `--threads` a fresh iterator is opened;
 the first batch's latency is timed (opening included), then the first
 `threads` batches are taken as warm-up (the other threads finish their first
 batch while the first is awaited), then `--batches` batches are timed.
-Reported per thread count: scans/s and scans/s per thread, the process's CPU
+Reported per thread count: scans/s (the scans the batches hold) and scans/s per thread, the process's CPU
 seconds per scan (user + system; the cost of a scan whatever the threads),
 and the first-batch latency; per scan: the bytes read from disk (the bucket
 and feature stores' shard files divided by their records: compressed records
@@ -27,7 +27,7 @@ and `data_prep.teacher_features`; `--config` must name their teacher, e.g.
 `--workdir` (a temporary folder unless given; a given one is reused): the
 world of `data_prep.synthetic` (`--scenes` x `--samples_per_scene`, HDL-32E
 sweeps, six 1600x900 cameras), its TFDS build, 0.1 m buckets of its `train`
-split with the default bucket settings (5 stages, 4 curves, patch 1,024) and
+split with the default bucket settings (5 stages, 4 curves) and
 the synthetic teacher's feature store (14 x 26 x 512 fp16 per camera, the shape
 of CLIP ViT-B/16's), as `reldistill_jax.pipeline.prepare_synthetic_data` makes
 them. The default config is then `teacher=synthetic,dataset=nuscenes`.
@@ -56,9 +56,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from configs import pretrain  # noqa: E402
-from reldistill_jax import cli, hardware, input_pipeline, records, train  # noqa: E402
+from reldistill_jax import cli, hardware, input_pipeline, records, runtime, train  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", "input_pipeline.json", "JSON output file.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny world, batch 2, 2 timed batches (tests).")
@@ -143,21 +145,23 @@ def measure(config, threads: int, batches: int) -> dict:
   with config.unlocked():
     config.input.num_threads = threads
     config.input.prefetch = _PREFETCH.value or max(config.input.prefetch, threads)
-  batch_size = config.input.batch_size
   cpu0, start = os.times(), time.perf_counter()
-  ds, _, _ = train.open_data(config, 0, 1)
+  with config.unlocked():
+    config.mesh.data = 1
+  ds, *_ = train.open_data(config, NamedSharding(runtime.make_mesh(config), P("data")))
   iterator = iter(ds)
   first = next(iterator)
   first_s = time.perf_counter() - start
   for _ in range(threads - 1):  # the other threads' first batches
     next(iterator)
   cpu1, start = os.times(), time.perf_counter()
+  scans = 0
   for _ in range(batches):
     batch = next(iterator)
+    scans += int((batch["scan_voxels"] > 0).sum())
   seconds = time.perf_counter() - start
   cpu2 = os.times()
   iterator.close()
-  scans = batches * batch_size
   cpu = lambda a, b: (b.user - a.user) + (b.system - a.system)
   device_bytes = sum(v.nbytes for k, v in batch.items() if k not in input_pipeline.HOST_KEYS)
   return {
@@ -170,7 +174,7 @@ def measure(config, threads: int, batches: int) -> dict:
     "scans_per_s_per_thread": scans / seconds / threads,
     "cpu_s_per_scan": cpu(cpu1, cpu2) / scans,
     "cpu_s_first_batches": cpu(cpu0, cpu1),
-    "device_bytes_per_scan": device_bytes / batch_size,
+    "device_bytes_per_scan": device_bytes / int((batch["scan_voxels"] > 0).sum()),
     "batch_shapes": {k: list(v.shape) for k, v in first.items()},
   }
 
@@ -180,9 +184,9 @@ def _consumption() -> tuple[float | None, str | None]:
     return _CONSUMPTION.value, "--consumption_scans_per_s"
   if _TRAIN_STEP.value:
     step = json.loads(pathlib.Path(_TRAIN_STEP.value).read_text())
-    devices = step.get("devices", {})
-    where = f"{_TRAIN_STEP.value} ({devices.get('device_kind')}, {step['settings']['variant']}, "
-    return step["results"]["scans_per_s"], where + f"batch {step['settings']['batch_size']})"
+    devices, run = step.get("devices", {}), step["runs"][0]
+    where = f"{_TRAIN_STEP.value} ({devices.get('device_kind')}, {run['settings']['variant']}, "
+    return run["results"]["scans_per_s"], where + f"batch {run['settings']['batch_size']})"
   return None, None
 
 
@@ -237,6 +241,7 @@ def main(argv):
     config.input.buckets = str(buckets)
     config.input.features = str(features)
     config.input.batch_size = _smoke_or(_BATCH, config.input.batch_size)
+    config.input.pack_size = min(config.input.pack_size, config.input.batch_size)
   threads = [int(t) for t in _THREADS.value]
   batches = _smoke_or(_BATCHES)
   bucket_store, feature_store = _store_bytes(buckets), _store_bytes(features)
@@ -276,7 +281,7 @@ def main(argv):
       "buckets": str(buckets),
       "features": str(features),
       "batch_size": config.input.batch_size,
-      "capacity": config.input.capacity,
+      "pack_size": config.input.pack_size,
       "num_pairs": config.input.num_pairs,
       "augment": config.input.augment.to_dict(),
       "threads": threads,
@@ -285,10 +290,8 @@ def main(argv):
     },
     "data": {
       "scans": len(reader),
-      "bucket_config": {
-        k: reader.config.get(k) for k in ("voxel_size", "num_stages", "patch_size", "capacities")
-      },
-      "bucket_capacity_of_first_scan": int(sample["capacity"]),
+      "bucket_config": {k: reader.config.get(k) for k in ("voxel_size", "num_stages", "curves")},
+      "voxels_of_first_scan": sample["counts"].tolist(),
       "preparation_s": data_seconds,
     },
     "results": {

@@ -10,7 +10,9 @@ initialisation) and the structural gap on the validation scans, fine-tunes on
 the 1% subset, and writes workdir/metrics.json and workdir/report.md.
 Expected: about 10-15 minutes on 2 CPU cores; zero-shot mIoU several times
 the initialisation's. `configs/default.py:runlocal` runs a 3-scene world and a
-few steps (the tests' path).
+few steps (the tests' path). `model=minkunet34c` (any `configs/common.py`
+MODELS) trains that student instead (buckets of 5 stages; a MinkUNet keeps
+its variant and recipe, so expect a slower run).
 """
 
 import ml_collections
@@ -19,7 +21,8 @@ from configs import common, finetune, pretrain
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, {})
+  args = common.parse_arg(arg, {"model": "ptv3_base"})
+  name, _, _ = common.model_and_recipe({**args, "recipe": ""})
   config = ml_collections.ConfigDict()
   config.kind = "default"
 
@@ -30,14 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   # Coarser than the field's 0.1 m so a CPU trains in minutes (about 10k voxels a scan).
   config.data.voxel = ml_collections.ConfigDict(
-    {
-      "voxel_size": 0.3,
-      "num_stages": 3,
-      "patch_size": 256,
-      "capacities": (8192, 12288, 16384),
-      "stage_ratio": 0.75,
-      "records_per_shard": 16,
-    }
+    {"voxel_size": 0.3, "num_stages": 5 if name == "minkunet" else 3, "records_per_shard": 16}
   )
   config.data.workers = 2
   config.data.root = (
@@ -46,11 +42,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Pretraining: the relational loss, a tiny student.
   config.pretrain = pretrain.get_config(
-    "loss=relational,teacher=synthetic,dataset=synthetic,runlocal"
+    f"loss=relational,teacher=synthetic,dataset=synthetic,model={args['model']},runlocal"
   )
   pre = config.pretrain
-  pre.input.capacity = 16384
   pre.input.batch_size = 4
+  pre.input.pack_size = 4
   pre.input.num_pairs = 1024
   pre.model.patch_size = 256
   pre.optimizer.warmup_steps = 10
@@ -59,10 +55,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   pre.checkpoint.every = 50
 
   # Few-shot: 1% (one scene) fine-tuning from the pretrained student.
-  config.finetune = finetune.get_config("dataset=synthetic,fraction=1pct,mode=finetune,runlocal")
+  config.finetune = finetune.get_config(
+    f"dataset=synthetic,fraction=1pct,mode=finetune,model={args['model']},runlocal"
+  )
   ft = config.finetune
-  ft.input.capacity = 16384
   ft.input.batch_size = 4
+  ft.input.pack_size = 4
   ft.eval.batch_size = 4
   ft.model.patch_size = 256
   ft.optimizer.head_lr = 0.2

@@ -10,7 +10,10 @@ r"""Few-shot fine-tuning and linear probing of a pretrained student.
 Arguments: dataset=nuscenes|semantic_kitti|synthetic, fraction=1pct|100pct
 (which labelled training subset), mode=finetune|linear (linear: frozen
 encoder, only the head trains; PROTOCOLS.md section 5 probes on 100% of the
-labels), and `runlocal` (a tiny model and a few epochs: minutes on a CPU).
+labels), model=ptv3_base|ptv3_small|minkunet34c|minkunet18a|minkunet14a and
+recipe=scalr|slidr (as `configs/pretrain.py`; slidr adds SGD dampening 0.1 and
+BatchNorm momentum 0.05), and `runlocal` (a small model and a few epochs:
+minutes on a CPU).
 
 The training buckets must be voxelised from the builder split `input.split`
 (`train_1pct` for 1%: SLidR's scene-level 1% on nuScenes, every 100th scan on
@@ -44,7 +47,11 @@ LABEL_FRACTION = {"1pct": 0.01, "100pct": 1.0}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, {"dataset": "nuscenes", "fraction": "1pct", "mode": "finetune"})
+  args = common.parse_arg(
+    arg,
+    {"dataset": "nuscenes", "fraction": "1pct", "mode": "finetune", "model": "ptv3_base",
+     "recipe": ""},
+  )  # fmt: skip
   if args["dataset"] not in DATASETS:
     raise ValueError(f"dataset={args['dataset']}: choose from {DATASETS}")
   if args["fraction"] not in LABEL_FRACTION:
@@ -68,12 +75,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.split = split
   config.input.val_buckets = common.optional_str()
   config.input.val_split = "val"
-  # Stage-0 capacity of every batch: at least every bucket's (a larger bucket
-  # is refused, naming its scan). SemanticKITTI scans at 0.1 m reach 70-100k voxels.
-  config.input.capacity = {"nuscenes": 32768, "semantic_kitti": 131072, "synthetic": 24576}[
-    args["dataset"]
-  ]
-  config.input.batch_size = 10 if kitti else 16
+  config.input.batch_size = 10 if kitti else 16  # scans per step
+  config.input.pack_size = 5 if kitti else 4  # scans per pack (configs/pretrain.py)
+  config.input.pack_bins = 8
   # Intensity to about [0, 1]: nuScenes stores 0-255, SemanticKITTI remission 0-1.
   config.input.intensity_scale = 1.0 if kitti else 1.0 / 255.0
   config.input.augment = ml_collections.ConfigDict(
@@ -83,13 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.prefetch = 8  # batches; grain wants at least num_threads
 
   # Model: the pretrained student (its sizes must be the checkpoint's) and a new head.
-  config.model = ml_collections.ConfigDict()
-  config.model.name = "point_encoder"
-  config.model.variant = "base"
-  config.model.out_dim = 512
-  config.model.patch_size = 1024
-  config.model.num_curves = 4
-  config.model.dtype = "bfloat16"
+  recipe = common.set_model(config, args, 512)
   config.class_names = classes.SEMANTIC_KITTI_CLASSES if kitti else classes.NUSCENES_CLASSES
   config.num_classes = len(config.class_names)
 
@@ -102,6 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.head_lr = 2.0
   config.optimizer.encoder_lr = 0.02
   config.optimizer.momentum = 0.9
+  config.optimizer.dampening = 0.1 if recipe == "slidr" else 0.0  # PyTorch's convention
   config.optimizer.weight_decay = 1e-4
   config.optimizer.clip_norm = 0.0  # 0: no clipping
   config.num_epochs = 100
@@ -123,9 +122,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint.init_from = common.optional_str()  # unset: the from-scratch baseline
 
   if args["runlocal"]:
-    config.model.variant = "tiny"
-    config.model.dtype = "float32"
     config.input.batch_size = 2
+    config.input.pack_size = 2
     config.input.num_threads = 2
     config.eval.batch_size = 2
     config.num_epochs = 2

@@ -8,7 +8,10 @@ r"""Pretraining: distil a frozen 2D teacher into the 3D student.
 
 Arguments: loss=relational|contrastive|similarity, teacher=clip_vitb16|
 dinov2_vitb14|synthetic (sets the feature dimension), dataset=nuscenes|
-synthetic, and `runlocal` (a tiny model and a few steps: minutes on a CPU).
+synthetic, model=ptv3_base|ptv3_small|minkunet34c|minkunet18a|minkunet14a
+(the student, `configs/common.py`), recipe=scalr|slidr (default: the
+student's own: AdamW for ptv3, SLidR's SGD for MinkUNet), and `runlocal` (a
+small model and a few steps: minutes on a CPU).
 The buckets and the feature store are made by `data_prep.voxelise` and
 `data_prep.teacher_features` (README: preparing data).
 """
@@ -22,7 +25,14 @@ TEACHER_DIM = {"clip_vitb16": 512, "dinov2_vitb14": 768, "synthetic": 512}
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(
-    arg, {"loss": "relational", "teacher": "clip_vitb16", "dataset": "nuscenes"}
+    arg,
+    {
+      "loss": "relational",
+      "teacher": "clip_vitb16",
+      "dataset": "nuscenes",
+      "model": "ptv3_base",
+      "recipe": "",
+    },
   )
   if args["loss"] not in ("relational", "contrastive", "similarity"):
     raise ValueError(f"loss={args['loss']}: choose relational, contrastive or similarity")
@@ -41,9 +51,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input = ml_collections.ConfigDict()
   config.input.buckets = common.optional_str()
   config.input.features = common.optional_str()
-  config.input.capacity = 32768  # every nuScenes keyframe at 0.1 m fits
   config.input.num_pairs = 4096  # pair slots per scan (relational: all of them enter the loss)
-  config.input.batch_size = 16
+  config.input.batch_size = 16  # scans per step
+  # Scans per pack (one token stream per stage); batch_size / pack_size packs a step, split
+  # over the devices. The packs depend on the data and these two numbers, not on the devices.
+  config.input.pack_size = 4
+  # The token budgets of every stage are fitted to the store (packing.fit_budgets): the
+  # cheapest per scan when its scans are packed first-fit into this many open packs.
+  config.input.pack_bins = 8
   config.input.intensity_scale = 1.0 / 255.0
   config.input.augment = ml_collections.ConfigDict(
     {"rotate": True, "flip": True, "scale": (0.95, 1.05)}
@@ -51,14 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.num_threads = 8
   config.input.prefetch = 8  # batches; grain wants at least num_threads
 
-  # Model.
-  config.model = ml_collections.ConfigDict()
-  config.model.name = "point_encoder"
-  config.model.variant = "base"
-  config.model.out_dim = TEACHER_DIM[args["teacher"]]
-  config.model.patch_size = 1024
-  config.model.num_curves = 4
-  config.model.dtype = "bfloat16"
+  # Model (configs/common.py MODELS).
+  recipe = common.set_model(config, args, TEACHER_DIM[args["teacher"]])
 
   # Loss.
   config.loss = ml_collections.ConfigDict()
@@ -69,14 +78,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loss.similarity = "cosine"
   config.loss.implementation = "auto"
 
-  # Optimizer (ScaLR's AdamW recipe).
+  # Optimizer: ScaLR's AdamW recipe, or SLidR's SGD (recipe=slidr: no warmup, no clipping).
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adamw"
   config.optimizer.lr = 2e-3
   config.optimizer.weight_decay = 0.03
   config.optimizer.momentum = 0.9
+  config.optimizer.dampening = 0.0  # SGD only, PyTorch's convention
   config.optimizer.warmup_steps = 3500
   config.optimizer.clip_norm = 1.0
+  if recipe == "slidr":
+    config.optimizer.name = "sgd"
+    config.optimizer.lr = 0.5
+    config.optimizer.weight_decay = 1e-4
+    config.optimizer.dampening = 0.1
+    config.optimizer.warmup_steps = 0
+    config.optimizer.clip_norm = 0.0
   config.num_steps = 100_000
   config.log_every = 50
 
@@ -90,15 +107,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint.resume = common.optional_str()
   config.checkpoint.init_from = common.optional_str()
 
-  if args["dataset"] == "synthetic":
-    config.input.capacity = 24576
   if args["runlocal"]:
-    config.model.variant = "tiny"
-    config.model.dtype = "float32"
     config.input.batch_size = 2
+    config.input.pack_size = 2
     config.input.num_pairs = 1024
     config.input.num_threads = 2
-    config.optimizer.warmup_steps = 2
+    config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, 2)
     config.num_steps = 6
     config.log_every = 2
     config.checkpoint.every = 3

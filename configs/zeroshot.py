@@ -8,7 +8,8 @@ r"""Zero-shot segmentation of a pretraining run's checkpoint.
     --workdir /runs/relational_clip/zeroshot
 
 Arguments: dataset=nuscenes|synthetic (the synthetic world uses the nuScenes
-classes) and `runlocal` (the tiny student of `configs/pretrain.py:runlocal`).
+classes), model= (the student, as `configs/pretrain.py`) and `runlocal` (the
+student of `configs/pretrain.py:runlocal`).
 Every point of every validation scan takes the class of the closest text
 embedding (PROTOCOLS.md section 5). `model` must be the pretraining run's
 (variant, out_dim, patch_size, num_curves); a checkpoint of another student is
@@ -26,12 +27,12 @@ from configs import common, pretrain
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, {"dataset": "nuscenes"})
+  args = common.parse_arg(arg, {"dataset": "nuscenes", "model": "ptv3_base"})
   if args["dataset"] not in ("nuscenes", "synthetic"):
     raise ValueError(f"dataset={args['dataset']}: choose nuscenes or synthetic")
   # The student's sizes and the input scaling are the pretraining config's.
   pre = pretrain.get_config(
-    f"dataset={args['dataset']}" + (",runlocal" if args["runlocal"] else "")
+    f"dataset={args['dataset']},model={args['model']}" + (",runlocal" if args["runlocal"] else "")
   )
 
   config = ml_collections.ConfigDict()
@@ -42,7 +43,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Input.
   config.input = ml_collections.ConfigDict()
   config.input.val_buckets = common.optional_str()
-  config.input.capacity = pre.input.capacity
   config.input.intensity_scale = pre.input.intensity_scale
   config.text_embeddings = common.optional_str()  # .npz of data_prep.text_embeddings
 

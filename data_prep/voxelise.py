@@ -1,9 +1,9 @@
-r"""Voxelises a built dataset split into padded, serialised buckets.
+r"""Voxelises a built dataset split into serialised buckets.
 
   python -m data_prep.voxelise --data_dir DATA --builder nuscenes_lidarseg/v1.0-mini \
       --split train --out OUT [--voxel_size 0.1] [--grid cartesian|cylindrical] \
-      [--curves z,z-trans,hilbert,hilbert-trans] [--num_stages 5] [--patch_size 1024] \
-      [--capacities 16384,24576,...] [--stage_ratio 0.75] [--records_per_shard 64] [--workers N]
+      [--curves z,z-trans,hilbert,hilbert-trans] [--num_stages 5] \
+      [--records_per_shard 64] [--workers N]
 
 Reads the TFDS ArrayRecord split DATA/<builder>/... written by `data_prep.build`
 (through `data_prep.builders.data_source`; of each record only `token`,
@@ -15,7 +15,10 @@ the images) and writes one bucket record per scan (keys: the docstring of
   OUT/buckets-SSSSS-of-NNNNN.array_record   scans i*R .. (i+1)*R-1 of the split
   OUT/manifest.json                         config (every flag that defines the
                                             content, builder, split), shards,
-                                            token -> [shard, position] index
+                                            token -> [shard, position] index,
+                                            and per scan its voxels per stage
+                                            and its pairs (`sizes`), from which
+                                            training fits its pack budgets
 
   python -m data_prep.voxelise --out OUT --verify
 
@@ -25,14 +28,11 @@ the manifest), rewrites a damaged one (logged, naming it) and skips the rest,
 and a run whose flags differ from the store's config in OUT is refused.
 `--verify` only checks OUT and reports (exit status 2 when a shard is damaged).
 Scans with NaN/inf coordinates or no points stop the run with an error naming
-the token. Scans whose voxels overflow the largest capacity lose their farthest
-voxels (the overflow policy of `build_bucket`), logged per scan and summarised
-at the end. Scans without labels are counted in the manifest
+the token. A bucket keeps every voxel of its scan. Scans without labels are counted in the manifest
 (`stats.labelled_scans`) and a warning names how many: such a store serves
 pretraining, not fine-tuning or evaluation.
 """
 
-import collections
 import functools
 import multiprocessing
 import os
@@ -68,17 +68,6 @@ def define_flags() -> None:
     "curves", list(serialization.CURVES), "Space-filling curves of the orders, in record order."
   )
   flags.DEFINE_integer("num_stages", 5, "Encoder stages (pooling levels + 1).")
-  flags.DEFINE_integer("patch_size", 1024, "Attention patch size.")
-  flags.DEFINE_list(
-    "capacities",
-    [str(c) for c in serialization.DEFAULT_CAPACITIES],
-    "Stage-0 bucket capacities, multiples of --patch_size.",
-  )
-  flags.DEFINE_float(
-    "stage_ratio",
-    serialization.DEFAULT_STAGE_RATIO,
-    "Stage s capacity: round_up(C0 * stage_ratio**s, patch_size).",
-  )
   flags.DEFINE_integer("records_per_shard", 64, "Scans per output shard.")
   flags.DEFINE_integer("workers", 0, "Worker processes (0: one per CPU core).")
   flags.DEFINE_bool("verify", False, "Only check the store at --out against its manifest.")
@@ -94,9 +83,6 @@ def bucket_config(
   cylindrical_voxel_size: Sequence[float] = serialization.DEFAULT_CYLINDRICAL_VOXEL_SIZE,
   curves: Sequence[str] = serialization.CURVES,
   num_stages: int = 5,
-  patch_size: int = 1024,
-  capacities: Sequence[int] = serialization.DEFAULT_CAPACITIES,
-  stage_ratio: float = serialization.DEFAULT_STAGE_RATIO,
   records_per_shard: int = 64,
 ) -> dict[str, Any]:
   """The store config: everything that defines the buckets' content and layout.
@@ -111,7 +97,7 @@ def bucket_config(
   )
   if len(sizes) != 3:
     raise ValueError(f"the cylindrical grid needs 3 voxel sizes, got {sizes}")
-  serialization.check_bucket_config(curves, num_stages, patch_size, capacities, stage_ratio)
+  serialization.check_bucket_config(curves, num_stages)
   if records_per_shard < 1:
     raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
   return {
@@ -123,9 +109,6 @@ def bucket_config(
     "voxel_size": sizes,
     "curves": list(curves),
     "num_stages": int(num_stages),
-    "patch_size": int(patch_size),
-    "capacities": sorted(int(c) for c in capacities),
-    "stage_ratio": float(stage_ratio),
     "records_per_shard": int(records_per_shard),
   }
 
@@ -160,9 +143,6 @@ def bucket_of_scan(scan: Mapping[str, Any], config: Mapping[str, Any]) -> dict[s
     grid=config["grid"],
     curves=config["curves"],
     num_stages=config["num_stages"],
-    patch_size=config["patch_size"],
-    capacities=config["capacities"],
-    stage_ratio=config["stage_ratio"],
     pairs_point=scan.get("pairs_point"),
     pairs_camera=scan.get("pairs_camera"),
     pairs_uv=scan.get("pairs_uv"),
@@ -190,25 +170,32 @@ def _init_worker(open_source: Callable[[], Sequence], config: Mapping[str, Any])
   _worker["config"] = config
 
 
-def _write_shard(shard: int, path: str) -> tuple[int, dict, list[tuple[int, int, bool]]]:
+def scan_sizes(bucket: Mapping[str, Any]) -> list[int]:
+  """A bucket's row of the manifest's `sizes`: its voxels per stage, then its pairs."""
+  return [*(int(n) for n in bucket["counts"]), len(bucket["pairs_voxel"])]
+
+
+def _write_shard(shard: int, path: str) -> tuple[int, dict, list[list[int]], int]:
   """Buckets the scans of one shard into `path`.
 
   Returns:
-    (shard, what `records.write_shard_file` returned, (capacity, dropped
-    voxels, has labels) of every scan).
+    (shard, what `records.write_shard_file` returned, `scan_sizes` of every
+    scan, the number of labelled scans).
   """
   source, config = _worker["source"], _worker["config"]
   per_shard = config["records_per_shard"]
-  scans = []
+  sizes, labelled = [], 0
 
   def buckets():
+    nonlocal labelled
     for i in range(shard * per_shard, min(len(source), (shard + 1) * per_shard)):
       bucket = bucket_of_scan(source[i], config)
-      scans.append((bucket["capacity"], bucket["num_dropped_voxels"], bucket["has_labels"]))
+      sizes.append(scan_sizes(bucket))
+      labelled += bucket["has_labels"]
       yield bucket
 
   written = records.write_shard_file(path, buckets())
-  return shard, written, scans
+  return shard, written, sizes, labelled
 
 
 def voxelise_split(
@@ -254,7 +241,6 @@ def voxelise_split(
     len(pending),
     workers,
   )
-  capacities, dropped = collections.Counter(), []
   total = sum(todo.values())
   # Drawn on a terminal only (disable=None: off when stderr is not a TTY).
   progress = tqdm.tqdm(
@@ -274,17 +260,9 @@ def voxelise_split(
     pool = context.Pool(min(workers, len(pending)), _init_worker, (open_source, config))
     results = pool.imap_unordered(_unpack_write_shard, jobs)
   try:
-    for shard, written, scans in results:
-      stats = {
-        "labelled_scans": sum(labelled for _, _, labelled in scans),
-        "dropped_voxels": sum(num_dropped for _, num_dropped, _ in scans),
-      }
-      writer.mark_complete(shard, written, stats)
+    for shard, written, sizes, labelled in results:
+      writer.mark_complete(shard, written, {"labelled_scans": labelled}, sizes)
       progress.update(todo[shard])
-      for capacity, num_dropped, _ in scans:
-        capacities[capacity] += 1
-        if num_dropped:
-          dropped.append(num_dropped)
   finally:
     progress.close()
     if pool is not None:
@@ -292,17 +270,6 @@ def voxelise_split(
       pool.join()
     _worker.clear()
   manifest = writer.finalize()
-  if capacities:
-    logging.info("capacities of the new buckets: %s", dict(sorted(capacities.items())))
-  if dropped:
-    logging.warning(
-      "overflow policy: %d of %d new scans lost their farthest voxels (%d in all, at most %d "
-      "in one scan); add a larger capacity to keep them",
-      len(dropped),
-      sum(capacities.values()),
-      sum(dropped),
-      max(dropped),
-    )
   unlabelled = manifest["num_records"] - manifest["stats"].get("labelled_scans", 0)
   if unlabelled:
     logging.warning(
@@ -333,9 +300,7 @@ def main(argv: Sequence[str]) -> None:
     config_of = functools.partial(
       bucket_config, f.builder, f.split, voxel_size=f.voxel_size, grid=f.grid,
       cylindrical_voxel_size=[float(v) for v in f.cylindrical_voxel_size], curves=f.curves,
-      num_stages=f.num_stages, patch_size=f.patch_size,
-      capacities=[int(c) for c in f.capacities], stage_ratio=f.stage_ratio,
-      records_per_shard=f.records_per_shard,
+      num_stages=f.num_stages, records_per_shard=f.records_per_shard,
     )  # fmt: skip
     config_of(0)
   except ValueError as e:

@@ -73,8 +73,9 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   "num_epochs": POSITIVE,
   "log_every": POSITIVE,
   "num_classes": POSITIVE,
-  "input.capacity": POSITIVE,
   "input.batch_size": POSITIVE,
+  "input.pack_size": POSITIVE,
+  "input.pack_bins": POSITIVE,
   "input.num_threads": NON_NEGATIVE,
   "input.prefetch": NON_NEGATIVE,
   "input.intensity_scale": _float(0, low_open=True),
@@ -96,6 +97,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   "optimizer.encoder_lr": _float(0),
   "optimizer.weight_decay": _float(0),
   "optimizer.momentum": _float(0, 1, high_open=True),
+  "optimizer.dampening": _float(0, 1, high_open=True),
+  "model.bn_momentum": _float(0, 1, low_open=True),
   "optimizer.warmup_steps": NON_NEGATIVE,
   "optimizer.clip_norm": _float(0),
   "mode": _choice(MODES),
@@ -168,10 +171,6 @@ def validate(config: ml_collections.ConfigDict, prefix: str = "", required: bool
 def _check_relations(config: ml_collections.ConfigDict, prefix: str) -> None:
   if _has(config, "model.name"):
     _check_model(config, prefix)
-  if _has(config, "input.capacity") and _has(config, "model.patch_size"):
-    capacity, patch = config.input.capacity, config.model.patch_size
-    if capacity % patch:
-      _fail(prefix, "input.capacity", capacity, f"must be a multiple of model.patch_size {patch}")
   if _has(config, "loss.w_cross") and config.loss.w_cross == config.loss.w_intra == 0:
     _fail(prefix, "loss.w_cross", 0, "and loss.w_intra are both 0: the loss would be 0")
   if _has(config, "class_names") and len(config.class_names) != config.num_classes:
@@ -186,28 +185,35 @@ def _check_model(config: ml_collections.ConfigDict, prefix: str) -> None:
     module = importlib.import_module(f"reldistill_jax.models.{name}")
   except ModuleNotFoundError:
     module = None
-  if module is None or not hasattr(module, "Model"):
-    _fail(prefix, "model.name", name, "is not a student of reldistill_jax.models (point_encoder)")
+  if module is None or not hasattr(module, "from_config"):
+    _fail(prefix, "model.name", name, "is not a student: choose point_encoder or minkunet")
   variants = getattr(module, "VARIANTS", None)
   if variants is not None and config.model.variant not in variants:
     _fail(prefix, "model.variant", config.model.variant, f"must be one of {', '.join(variants)}")
 
 
 def _check_devices(config: ml_collections.ConfigDict, prefix: str) -> None:
-  """The mesh size against the devices, and every batch size against the mesh."""
+  """The mesh size against the devices, and the packs and batches against the mesh."""
   devices = jax.device_count()
   data = config.mesh.data
   if data != -1 and not 1 <= data <= devices:
     _fail(prefix, "mesh.data", data, f"must be -1 (all devices) or 1 .. {devices}")
   data = devices if data == -1 else data
-  for field in ("input.batch_size", "eval.batch_size"):
-    if _has(config, field) and _get(config, field) % data:
+  if _has(config, "input.pack_size"):
+    batch, pack = config.input.batch_size, config.input.pack_size
+    if batch % pack:
+      _fail(prefix, "input.batch_size", batch, f"must be a multiple of input.pack_size {pack}")
+    if (batch // pack) % data:
       _fail(
-        prefix,
-        field,
-        _get(config, field),
-        f"must be a multiple of the {data} devices of the data axis",
-      )
+        prefix, "input.pack_size", pack,
+        f"gives {batch // pack} packs a step, not a multiple of the {data} devices of the data "
+        f"axis (set input.pack_size to input.batch_size / {data} or a divisor of it)",
+      )  # fmt: skip
+  if _has(config, "eval.batch_size") and config.eval.batch_size % data:
+    _fail(
+      prefix, "eval.batch_size", config.eval.batch_size,
+      f"must be a multiple of the {data} devices of the data axis",
+    )  # fmt: skip
 
 
 def _check_voxel(config: ml_collections.ConfigDict) -> None:
@@ -215,9 +221,7 @@ def _check_voxel(config: ml_collections.ConfigDict) -> None:
 
   vox = config.data.voxel
   try:
-    serialization.check_bucket_config(
-      serialization.CURVES, vox.num_stages, vox.patch_size, vox.capacities, vox.stage_ratio
-    )
+    serialization.check_bucket_config(serialization.CURVES, vox.num_stages)
   except ValueError as e:
     raise errors.ConfigError(f"config.data.voxel: {e}") from None
   if vox.voxel_size <= 0:

@@ -1,14 +1,15 @@
 """Evaluation over every scan of a bucket store, scored on every original point.
 
-PROTOCOLS.md sections 4-5. Predictions are made per voxel on fixed-shape
-batches and mapped back to the scan's original points on the host through the
-bucket's `point_to_voxel` (a point whose voxel was dropped by the overflow
-policy gets prediction 0, a wrong answer); the counts of every scan go into one
-confusion matrix (`evaluators.segmentation`).
+PROTOCOLS.md sections 4-5. Predictions are made per voxel on packed batches
+(consecutive scans of the store in one pack per device, `packing.py`) and
+mapped back to the scan's original points on the host through the bucket's
+`point_to_voxel`; the counts of every scan go into one confusion matrix
+(`evaluators.segmentation`).
 
   predict_voxels   a jitted `apply_fn(params, batch)` over every record, in
                    order, with one static batch shape (the last batch is
-                   padded with copies, dropped on the host).
+                   padded with copies of its last pack, dropped on the host),
+                   its outputs cut back into scans.
   segmentation     mIoU of voxel class predictions, on every point.
   zero_shot        the student's features against class text embeddings.
   structural_gap   G and linear CKA between the student's pair features and
@@ -30,7 +31,7 @@ import tqdm
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from reldistill_jax import errors, feature_store, input_pipeline, pairs, records
+from reldistill_jax import errors, feature_store, input_pipeline, packing, pairs, records
 from reldistill_jax.evaluators import segmentation as segmentation_lib
 from reldistill_jax.evaluators import structural_gap as gap_lib
 from reldistill_jax.evaluators import zeroshot
@@ -38,10 +39,13 @@ from reldistill_jax.evaluators import zeroshot
 ApplyFn = Callable[[Any, Mapping[str, jax.Array]], Any]
 
 
+def _store(source) -> records.ShardedReader:
+  """The bucket store of a source (itself, or the one behind a joined source)."""
+  return getattr(source, "buckets", source)
+
+
 def _store_name(source) -> str:
-  """The folder of a bucket store (or of the store behind a joined source)."""
-  inner = getattr(source, "buckets", source)
-  return str(getattr(inner, "path", repr(source)))
+  return str(getattr(_store(source), "path", repr(source)))
 
 
 def _single_device_mesh() -> jax.sharding.Mesh:
@@ -50,16 +54,25 @@ def _single_device_mesh() -> jax.sharding.Mesh:
   )
 
 
-def _batch_fn(batch_size: int):
-  """Stacks (record, example) pairs, padding the examples with copies of the last."""
+def _batch_fn(devices: int):
+  """Stacks (records, pack) items, padding the packs with copies of the last."""
 
   def fn(items):
     items = list(items)
-    examples = [example for _, example in items]
-    examples += [examples[-1]] * (batch_size - len(examples))
-    return [record for record, _ in items], input_pipeline.stack(examples)
+    packs = [pack for _, pack in items]
+    packs += [packs[-1]] * (devices - len(packs))
+    return [scans for scans, _ in items], input_pipeline.stack(packs)
 
   return fn
+
+
+def _scan_rows(out, batch: dict, b: int, slot: int, rows: str, num_pairs: int):
+  """The rows of scan slot `slot` of pack `b` in every array of `out` (batch axis removed)."""
+  if rows == "voxels":
+    start, count = int(batch["scan_start"][b, slot]), int(batch["scan_voxels"][b, slot])
+  else:  # the pair slots of the scan
+    start, count = slot * num_pairs, num_pairs
+  return jax.tree.map(lambda x: x[b, start : start + count], out)
 
 
 def predict_voxels(
@@ -67,9 +80,10 @@ def predict_voxels(
   params: Any,
   buckets,
   transform: input_pipeline.Transform,
-  batch_size: int,
+  budgets: packing.Budgets,
   mesh: jax.sharding.Mesh | None,
   *,
+  rows: str = "voxels",
   seed: int = 0,
   num_threads: int = 4,
   desc: str = "evaluate",
@@ -78,61 +92,66 @@ def predict_voxels(
 
   Args:
     apply_fn: `apply_fn(params, batch) -> out`, out a pytree of arrays with
-      the batch axis first, e.g. (B, C0) class predictions or (B, C0, D)
-      features; jitted here, sharded on the mesh's `data` axis.
+      the pack axis first, then either a token axis (e.g. (B, T0) class
+      predictions or (B, T0, D) features; `rows="voxels"`) or a pair-slot
+      axis ((B, S * P, ...); `rows="pairs"`); jitted here, sharded on the
+      mesh's `data` axis.
     params: the model parameters (replicated on the mesh).
     buckets: a random-access source of bucket records (`records.ShardedReader`
       or `input_pipeline.JoinedSource`).
     transform: the evaluation transform (no augmentation); its `num_pairs`
       pairs of scan i are drawn with `np.random.default_rng((seed, i))`.
-    batch_size: B, scans per device call (a multiple of the `data` axis).
+    budgets: the pack shape (`runtime.pack_budgets`); a call runs one pack per
+      device of the mesh.
     mesh: a mesh with a `data` axis, or None for the first device.
+    rows: "voxels" or "pairs": what the second axis of `out` indexes.
     seed: seed of the pair sampling.
-    num_threads: reader threads (decoding and transforms run ahead).
+    num_threads: reader threads (decoding and packing run ahead).
     desc: the progress bar's label (scans done over the store's length).
 
   Yields:
     (record, out): the bucket record as read (host numpy: `point_to_voxel`,
     `point_labels`, `has_labels`, ...) and its rows of `out` as numpy, the
-    batch axis removed (e.g. (C0,) predictions), for every record in order.
+    pack axis removed (e.g. (V0,) predictions of its voxels, or the (P, ...)
+    outputs of its pair slots), for every record in store order.
 
   Raises:
-    ValueError: an augmenting transform, or a batch size the mesh cannot split.
+    ValueError: an augmenting transform.
   """
   if transform.augment is not None:
     raise ValueError("evaluation transforms must not augment (pass augment=None)")
   mesh = mesh if mesh is not None else _single_device_mesh()
-  if batch_size < 1 or batch_size % mesh.shape["data"]:
-    raise ValueError(
-      f"evaluation batch size {batch_size} is not a positive multiple of the "
-      f"{mesh.shape['data']} devices of the data axis"
-    )
+  devices = mesh.shape["data"]
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P("data"))
   fn = jax.jit(apply_fn, in_shardings=(replicated, data_sharding), out_shardings=replicated)
   params = jax.device_put(params, replicated)
 
-  ds = grain.MapDataset.source(buckets).map_with_index(
-    lambda i, record: (record, transform(record, np.random.default_rng((seed, i))))
-  )
-  ds = ds.batch(batch_size, drop_remainder=False, batch_fn=_batch_fn(batch_size))
-  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)
+  plan = packing.PackPlan(_store(buckets).sizes, budgets, shuffle=False)
 
+  def build(index: int, scans: list[dict]):
+    rngs = [np.random.default_rng((seed, int(i))) for i in plan[index]]
+    return scans, packing.pack([transform(r, g) for r, g in zip(scans, rngs, strict=True)], budgets)
+
+  ds = grain.MapDataset.source(input_pipeline.PackedSource(buckets, plan)).map_with_index(build)
+  ds = ds.batch(devices, drop_remainder=False, batch_fn=_batch_fn(devices))
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)
   # Drawn on a terminal only (None: off when stderr is not a TTY), by the first process.
   progress = tqdm.tqdm(
     total=len(buckets), unit="scan", desc=desc, disable=None if jax.process_index() == 0 else True
   )
 
   def outputs(pending):
-    batch_records, out = pending
+    batch_scans, batch, out = pending
     out = jax.device_get(out)
-    for i, record in enumerate(batch_records):  # padding rows are never read
-      progress.update()
-      yield record, jax.tree.map(lambda x, i=i: x[i], out)
+    for b, scans in enumerate(batch_scans):  # padding packs are never read
+      for slot, record in enumerate(scans):
+        progress.update()
+        yield record, _scan_rows(out, batch, b, slot, rows, transform.num_pairs)
 
   pending = None
   try:
-    for batch_records, batch in ds.to_iter_dataset(options):
+    for batch_scans, batch in ds.to_iter_dataset(options):
       device_batch = {
         k: jax.device_put(v, data_sharding)
         for k, v in batch.items()
@@ -141,26 +160,21 @@ def predict_voxels(
       out = fn(params, device_batch)  # dispatched: runs while the host scores the previous batch
       if pending is not None:
         yield from outputs(pending)
-      pending = (batch_records, out)
+      pending = (batch_scans, batch, out)
     if pending is not None:
       yield from outputs(pending)
   finally:
     progress.close()
 
 
-def point_values(point_to_voxel: np.ndarray, per_voxel: np.ndarray, fill=0) -> np.ndarray:
-  """(N, ...) the value of every original point's voxel; `fill` where the voxel was dropped.
+def point_values(point_to_voxel: np.ndarray, per_voxel: np.ndarray) -> np.ndarray:
+  """(N, ...) the value of every original point's voxel.
 
   Args:
-    point_to_voxel: (N,) a bucket's stage-0 slot of each point, -1 if dropped.
-    per_voxel: (C0, ...) values per slot (predictions, features, scores).
-    fill: the value of points without a voxel (0: no prediction, a wrong answer).
+    point_to_voxel: (N,) a bucket's stage-0 voxel of each point.
+    per_voxel: (V0, ...) values per voxel (predictions, features, scores).
   """
-  point_to_voxel = np.asarray(point_to_voxel)
-  per_voxel = np.asarray(per_voxel)
-  out = per_voxel[np.maximum(point_to_voxel, 0)].astype(np.result_type(per_voxel, fill))
-  out[point_to_voxel < 0] = fill
-  return out
+  return np.asarray(per_voxel)[np.asarray(point_to_voxel)]
 
 
 def segmentation(
@@ -168,7 +182,7 @@ def segmentation(
   params: Any,
   buckets,
   transform: input_pipeline.Transform,
-  batch_size: int,
+  budgets: packing.Budgets,
   mesh: jax.sharding.Mesh | None,
   class_names: Sequence[str],
   empty: str = "nan",
@@ -176,12 +190,12 @@ def segmentation(
   """Segmentation metrics of voxel predictions, on every point of every scan.
 
   Args:
-    apply_fn: `apply_fn(params, batch) -> (B, C0)` int training ids 1..C
-      per voxel (values on padding slots are never read).
+    apply_fn: `apply_fn(params, batch) -> (B, T0)` int training ids 1..C
+      per token (values on padding are never read).
     params: its parameters.
     buckets: the bucket store of the split (every scan labelled).
     transform: the evaluation transform (`predict_voxels`).
-    batch_size: scans per device call.
+    budgets: the pack shape (`predict_voxels`).
     mesh: a mesh with a `data` axis, or None for one device.
     class_names: names of training ids 1..C.
     empty: the empty-class convention, "nan" or "one"
@@ -198,7 +212,7 @@ def segmentation(
   confusion = np.zeros((num_classes + 1, num_classes + 1), np.int64)
   num_scans = 0
   for record, voxel_pred in predict_voxels(
-    apply_fn, params, buckets, transform, batch_size, mesh, desc="segmentation"
+    apply_fn, params, buckets, transform, budgets, mesh, desc="segmentation"
   ):
     if not record["has_labels"]:
       raise errors.DataError(
@@ -220,7 +234,7 @@ def zero_shot(
   buckets,
   text_embeddings,
   transform: input_pipeline.Transform,
-  batch_size: int,
+  budgets: packing.Budgets,
   mesh: jax.sharding.Mesh | None,
   class_names: Sequence[str],
   empty: str = "nan",
@@ -232,7 +246,7 @@ def zero_shot(
     params: its parameters.
     buckets: the bucket store of the split.
     text_embeddings: (C, D) class text embeddings, row c - 1 for training id c.
-    transform, batch_size, mesh, class_names, empty: as `segmentation`.
+    transform, budgets, mesh, class_names, empty: as `segmentation`.
 
   Returns:
     The metrics of `segmentation`.
@@ -242,10 +256,10 @@ def zero_shot(
     raise ValueError(f"{text.shape[0]} text embeddings for {len(class_names)} class names")
 
   def apply_fn(params, batch):
-    features, _ = model.apply(params, batch)  # (B, C0, D)
-    return zeroshot.zero_shot_predict(features, jnp.asarray(text))  # (B, C0)
+    features, _ = model.apply(params, batch)  # (B, T0, D)
+    return zeroshot.zero_shot_predict(features, jnp.asarray(text))  # (B, T0)
 
-  return segmentation(apply_fn, params, buckets, transform, batch_size, mesh, class_names, empty)
+  return segmentation(apply_fn, params, buckets, transform, budgets, mesh, class_names, empty)
 
 
 class _PairSample:
@@ -288,7 +302,7 @@ def structural_gap(
   buckets: records.ShardedReader,
   store: feature_store.FeatureStore,
   transform: input_pipeline.Transform,
-  batch_size: int,
+  budgets: packing.Budgets,
   mesh: jax.sharding.Mesh | None,
   max_pairs: int | None = None,
   *,
@@ -307,7 +321,7 @@ def structural_gap(
     store: the teacher feature store of the same scans.
     transform: an evaluation transform with `num_pairs` P > 0 and the store's
       grid (P >= a scan's pair count takes all of them).
-    batch_size: scans per device call.
+    budgets: the pack shape (`predict_voxels`).
     mesh: a mesh with a `data` axis, or None for one device.
     max_pairs: a uniform sample of this many pairs of the whole split
       (deterministic given `seed`), or None for all of them (host memory
@@ -330,17 +344,17 @@ def structural_gap(
   input_pipeline.check_join(buckets, store)
 
   def apply_fn(params, batch):
-    features, _ = model.apply(params, batch)  # (B, C0, D)
-    k = pairs.gather_voxels(features, batch["pairs_voxel"])  # (B, P, D)
+    features, _ = model.apply(params, batch)  # (B, T0, D)
+    k = pairs.gather_voxels(features, batch["pairs_voxel"])  # (B, S * P, D)
     q = pairs.sample_teacher(batch["teacher"], batch["pairs_camera"], batch["pairs_grid"])
     return {"k": k, "q": q, "mask": batch["pairs_mask"]}
 
   sample = _PairSample(max_pairs)
-  for index, (_, out) in enumerate(
-    predict_voxels(
-      apply_fn, params, source, transform, batch_size, mesh, seed=seed, desc="structural gap"
-    )
-  ):
+  scans = predict_voxels(
+    apply_fn, params, source, transform, budgets, mesh, rows="pairs", seed=seed,
+    desc="structural gap",
+  )  # fmt: skip
+  for index, (_, out) in enumerate(scans):
     mask = out["mask"]
     keys = np.random.default_rng((seed, index, 1)).random(int(mask.sum()))
     sample.add(keys, out["k"][mask], out["q"][mask])

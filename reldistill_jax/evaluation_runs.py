@@ -28,6 +28,7 @@ from reldistill_jax import (
   records,
   report,
   runtime,
+  serialization,
 )
 
 CLASS_NAMES = classes.NUSCENES_CLASSES  # the synthetic world uses them too
@@ -45,12 +46,12 @@ def zero_shot_metrics(
   """Zero-shot segmentation of the student `config.model` on every point of `val`.
 
   Args:
-    config: a config with `model` (`runtime.make_model`) and `input.capacity`,
-      `input.intensity_scale` (the evaluation transform's).
+    config: a config with `model` (`runtime.make_model`) and
+      `input.intensity_scale` (the evaluation's).
     params: the student's parameters.
     val: the bucket store of the validation split.
     text: (C, D) class text embeddings of the nuScenes classes.
-    batch_size: scans per device call.
+    batch_size: scans per step, one pack of batch_size / devices per device.
     mesh: a mesh with a `data` axis, or None for one device.
     empty: the empty-class convention, "nan" or "one".
 
@@ -58,12 +59,10 @@ def zero_shot_metrics(
     The metrics of `evaluate.zero_shot`.
   """
   model = runtime.make_model(config)
-  transform = input_pipeline.Transform(
-    val.config, config.input.capacity, 0, config.input.intensity_scale
-  )
-  return evaluate.zero_shot(
-    model, params, val, text, transform, batch_size, mesh, CLASS_NAMES, empty
-  )
+  transform = input_pipeline.Transform(0, config.input.intensity_scale)
+  devices = mesh.shape["data"] if mesh is not None else 1
+  budgets = runtime.pack_budgets(config, val, batch_size // devices, "evaluation")
+  return evaluate.zero_shot(model, params, val, text, transform, budgets, mesh, CLASS_NAMES, empty)
 
 
 def load_text_embeddings(path: str | pathlib.Path) -> np.ndarray:
@@ -84,10 +83,7 @@ def load_text_embeddings(path: str | pathlib.Path) -> np.ndarray:
 def _check_params(config: ml_collections.ConfigDict, params, val, checkpoint: str) -> None:
   """Fails when the checkpoint's student is not `config.model`'s, naming the field."""
   model = runtime.make_model(config)
-  transform = input_pipeline.Transform(
-    val.config, config.input.capacity, 0, config.input.intensity_scale
-  )
-  example = {k: v[None] for k, v in transform(val[0]).items() if k not in input_pipeline.HOST_KEYS}
+  example = input_pipeline.example_batch(val, config.input, config.model.patch_size)
   abstract = jax.eval_shape(model.init, jax.random.key(0), example)
   flat = lambda tree: {
     jax.tree_util.keystr(path): tuple(jnp.shape(leaf))
@@ -109,8 +105,9 @@ def run_zeroshot(
   """Zero-shot mIoU of `config.checkpoint`; writes metrics.json and report.md into workdir."""
   workdir = pathlib.Path(workdir)
   config_checks.validate(config)
-  val = records.ShardedReader(config.input.val_buckets)
-  runtime.check_patch_size(config, val)
+  val = records.ShardedReader(
+    config.input.val_buckets, {"bucket_version": serialization.BUCKET_VERSION}
+  )
   input_pipeline.require_labels(val, "zero-shot evaluation", every=True)
   text = load_text_embeddings(config.text_embeddings)
   params = runtime.load_params(config.checkpoint)

@@ -119,8 +119,8 @@ def segmentation_loss(
   """Cross-entropy + Lovasz-softmax over the labelled voxels of a batch.
 
   Args:
-    logits: (B, C0, C) class scores; column c - 1 is training id c.
-    labels: (B, C0) training ids, 0 = ignore (and padding).
+    logits: (B, T0, C) class scores; column c - 1 is training id c.
+    labels: (B, T0) training ids, 0 = ignore (and padding).
     lovasz_weight: weight of the Lovasz term.
 
   Returns:
@@ -128,7 +128,7 @@ def segmentation_loss(
     labelled voxels (the batch is one set, as the reference's per_image=False).
   """
   c = logits.shape[-1]
-  logits = logits.reshape(-1, c).astype(jnp.float32)  # (B * C0, C)
+  logits = logits.reshape(-1, c).astype(jnp.float32)  # (B * T0, C)
   labels = labels.reshape(-1)
   mask = labels > 0
   target = jnp.maximum(labels - 1, 0)
@@ -165,11 +165,24 @@ def init_params(encoder: nn.Module, head: nn.Module, example: dict, rng: jax.Arr
   return {"encoder": encoder_params, "head": head_params}
 
 
-def logits_fn(encoder: nn.Module, head: nn.Module, params: dict, batch, frozen: bool = False):
-  """(B, C0, C) float32 class scores of a batch; `frozen` stops gradients into the encoder."""
+def logits_fn(
+  encoder: nn.Module,
+  head: nn.Module,
+  params: dict,
+  batch,
+  frozen: bool = False,
+  train: bool = False,
+) -> tuple[jax.Array, dict]:
+  """((B, T0, C) float32 class scores of a batch, the params after it).
+
+  `frozen` stops gradients into the encoder and keeps its BatchNorm layers on
+  their running statistics; `train` otherwise normalises them by the batch and
+  updates the statistics (`runtime.encode`), as SLidR fine-tunes.
+  """
   encoder_params = jax.lax.stop_gradient(params["encoder"]) if frozen else params["encoder"]
-  _, aux = encoder.apply(encoder_params, batch)
-  return head.apply(params["head"], aux["backbone"])  # (B, C0, backbone) -> (B, C0, C)
+  (_, aux), encoder_params = runtime.encode(encoder, encoder_params, batch, train and not frozen)
+  logits = head.apply(params["head"], aux["backbone"])  # (B, T0, backbone) -> (B, T0, C)
+  return logits, {**params, "encoder": encoder_params}
 
 
 def _labels(params: dict) -> dict:
@@ -189,10 +202,7 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
 
   def sgd(lr):
     schedule = optax.cosine_decay_schedule(lr, max(num_steps, 1))
-    tx = optax.chain(
-      optax.add_decayed_weights(opt.weight_decay, mask=runtime.weight_decay_mask),
-      optax.sgd(schedule, momentum=opt.momentum),
-    )
+    tx = runtime.sgd(schedule, opt.momentum, opt.get("dampening", 0.0), opt.weight_decay)
     return tx, schedule
 
   head_tx, head_schedule = sgd(opt.head_lr)
@@ -208,14 +218,19 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
 
 def update_step(state, batch, *, encoder, head, tx, schedules, frozen, lovasz_weight):
   """One optimizer step; returns the new state and its measurements."""
+  trainable, statistics = runtime.split_statistics(state["params"])
 
   def objective(params):
-    logits = logits_fn(encoder, head, params, batch, frozen)
-    return segmentation_loss(logits, batch["labels"], lovasz_weight)
+    logits, after = logits_fn(
+      encoder, head, runtime.merge(params, statistics), batch, frozen, train=True
+    )
+    loss, parts = segmentation_loss(logits, batch["labels"], lovasz_weight)
+    return loss, (parts, after)
 
-  (loss, parts), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
-  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
+  (loss, (parts, after)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+  updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+  trainable = optax.apply_updates(trainable, updates)
+  params = runtime.merge(trainable, runtime.split_statistics(after)[1])
   measurements = {
     "loss": loss,
     "loss/ce": parts["ce"],
@@ -223,7 +238,7 @@ def update_step(state, batch, *, encoder, head, tx, schedules, frozen, lovasz_we
     "train_accuracy": parts["accuracy"],
     "labelled_voxels": parts["voxels"],
     "grad_norm": optax.tree.norm(grads),
-    "param_norm": optax.tree.norm(params),
+    "param_norm": optax.tree.norm(trainable),
     "update_norm": optax.tree.norm(updates),
     "head_update_norm": optax.tree.norm(updates["head"]),
     "learning_rate": schedules["head"](state["step"]),
@@ -265,7 +280,7 @@ def _steps(config: ml_collections.ConfigDict, num_scans: int) -> int:
 
 
 def open_data(config: ml_collections.ConfigDict, data_sharding):
-  """The labelled training subset and the validation store, checked; this process's iterator.
+  """The labelled training subset and the validation store, checked; this process's packs.
 
   The stores are named by their builder split, so a store of another subset is
   refused; both must hold labels.
@@ -278,16 +293,15 @@ def open_data(config: ml_collections.ConfigDict, data_sharding):
   buckets = records.ShardedReader(inp.buckets, version | {"split": inp.split})
   val_buckets = records.ShardedReader(inp.val_buckets, version | {"split": inp.val_split})
   for store, role in ((buckets, "fine-tuning"), (val_buckets, "evaluation")):
-    runtime.check_patch_size(config, store)
     input_pipeline.require_labels(store, role, every=store is val_buckets)
+  budgets = runtime.pack_budgets(config, buckets, inp.pack_size)
   augment = input_pipeline.Augment(inp.augment.rotate, inp.augment.flip, tuple(inp.augment.scale))
-  transform = input_pipeline.Transform(
-    buckets.config, inp.capacity, 0, inp.intensity_scale, augment=augment
-  )
+  transform = input_pipeline.Transform(0, inp.intensity_scale, augment=augment)
+  packs = inp.batch_size // inp.pack_size
+  index, count = distributed.batch_slice(data_sharding, packs)
   ds = input_pipeline.process_dataset(
-    buckets, None, transform, inp, config.seed,
-    *distributed.batch_slice(data_sharding, inp.batch_size),
-  )  # fmt: skip
+    buckets, None, transform, budgets, inp, config.seed, index, count, packs // count
+  )
   return iter(ds), buckets, val_buckets
 
 
@@ -295,13 +309,14 @@ def evaluate_on(config, encoder, head, params, val_buckets, mesh) -> dict:
   """Segmentation metrics of the fine-tuned model on every point of the validation store."""
 
   def predict(params, batch):
-    logits = logits_fn(encoder, head, params, batch)
-    return (jnp.argmax(logits, axis=-1) + 1).astype(jnp.int32)  # (B, C0) ids 1..C
+    logits, _ = logits_fn(encoder, head, params, batch)
+    return (jnp.argmax(logits, axis=-1) + 1).astype(jnp.int32)  # (B, T0) ids 1..C
 
-  inp = config.input
-  transform = input_pipeline.Transform(val_buckets.config, inp.capacity, 0, inp.intensity_scale)
+  transform = input_pipeline.Transform(0, config.input.intensity_scale)
+  pack_size = config.eval.batch_size // mesh.shape["data"]
+  budgets = runtime.pack_budgets(config, val_buckets, pack_size, "evaluation")
   return evaluate.segmentation(
-    predict, params, val_buckets, transform, config.eval.batch_size, mesh,
+    predict, params, val_buckets, transform, budgets, mesh,
     tuple(config.class_names), config.eval.empty,
   )  # fmt: skip
 
@@ -338,7 +353,7 @@ def finetune_and_evaluate(
   # Model and optimizer, shape first, then initialised already replicated.
   encoder, head = runtime.make_model(config), make_head(config)
   tx, schedules = make_optimizer(config, num_steps)
-  example = input_pipeline.example_batch(buckets, config.input)
+  example = input_pipeline.example_batch(buckets, config.input, config.model.patch_size)
 
   abstract, state_sharding, abstract_sharded, make_state = runtime.sharded_state(
     lambda rng: init_params(encoder, head, example, rng), tx, config.seed, mesh

@@ -1,30 +1,49 @@
-"""grain input pipeline: static-shape batches of voxel buckets and teacher features.
+"""grain input pipeline: packed batches of voxel buckets and teacher features.
 
-Every array of a batch has a fixed shape, so the update step compiles once.
-Batch keys (B samples, C0 = the batch capacity, Cs its stage capacities,
-R curves, P pair slots per sample, h x w the teacher grid, D its dimension):
+The scans of a device's batch are packed into one token stream per encoder
+stage (`packing.py`): every array of a batch has a fixed shape, so the update
+step compiles once, and the work follows the valid voxels. Batch keys (B
+packs, one per device; S scan slots per pack, T_s the stage-s token budget,
+A_s its aligned attention view and K the patch, R curves, P pair slots per
+scan, h x w the teacher grid, D its dimension):
 
-  features          (B, C0, 4) float32: x, y, z of the voxel's kept point
+  features          (B, T0, 4) float32: x, y, z of the voxel's kept point
                     (augmented when training) and intensity * intensity_scale.
-  s{s}/mask         (B, Cs) bool;  s{s}/order, s{s}/inverse (B, R, Cs) int32;
-  s{s}/neighbors    (B, Cs, 27) int32; s{s}/parent (B, Cs) int32: the bucket's
-                    geometry (`serialization.py`), padded to C0.
-  labels            (B, C0) int32: training id of each voxel (0 = ignore).
-  pairs_voxel       (B, P) int32: stage-0 slot of each sampled pair.
-  pairs_camera      (B, P) int32: camera index of each pair.
-  pairs_grid        (B, P, 2) float32: (row, col) of the pair's pixel on the
+  labels            (B, T0) int32: training id of each voxel (0 = ignore).
+  s{s}/mask         (B, T_s) bool: the token holds a voxel (the scans' voxels
+                    come first, one scan after another).
+  s{s}/order        (B, R, A_s) int32: the token of every slot of the aligned
+                    view: each scan's voxels by curve r (`serialization.py`)
+                    from a patch boundary on, T_s in the gaps.
+  s{s}/inverse      (B, R, T_s) int32: the view slot of every token.
+  s{s}/lengths      (B, A_s / K) int32: valid tokens of every patch of the view.
+  s{s}/neighbors    (B, T_s, 27) int32: token of each 3x3x3 neighbour, T_s
+                    where absent.
+  s{s}/parent       (B, T_s) int32: token of the parent in stage s+1,
+                    T_{s+1} for padding.
+  s{s}/octant       (B, T_s) uint8: the voxel's octant in its parent
+                    (`serialization.octants`; 0 for padding), s < stages - 1.
+  pairs_voxel       (B, S * P) int32: stage-0 token of each pair's voxel; slots
+                    j * P .. (j + 1) * P - 1 belong to the scan in slot j.
+  pairs_camera      (B, S * P) int32: camera index of each pair.
+  pairs_grid        (B, S * P, 2) float32: (row, col) of the pair's pixel on the
                     teacher grid, cell (i, j) spanning [i, i+1) x [j, j+1)
                     (projected pixel coordinates have pixel centres at
                     integers, hence the + 0.5: `vit.pixel_to_cell`).
-  pairs_mask        (B, P) bool: the pair slot holds a pair.
-  teacher           (B, cameras, h, w, D) float16: the stored teacher maps
-                    (only when a feature store is given).
-  token             (B,) str: sample tokens; host only, never sent to devices.
+  pairs_mask        (B, S * P) bool: the pair slot holds a pair.
+  teacher           (B, S, cameras, h, w, D) float16: the stored teacher maps
+                    (only with a feature store; zero for an empty slot).
+  token             (B, S) str: sample tokens ("" for an empty slot).
+  scan_start, scan_voxels  (B, S) int32: where each scan's stage-0 voxels start
+                    in the pack and how many it has (0 for an empty slot).
+  The last three stay on the host (`HOST_KEYS`).
 
-Pairs are sampled uniformly without replacement up to P per sample (all of
-them when a scan has fewer, the rest masked). Augmentations (yaw rotation,
-flips, scaling) change only the input coordinates: the pairs were computed on
-the raw cloud and the grid geometry offline, so both stay valid.
+Pairs are sampled uniformly without replacement up to P per scan (all of them
+when a scan has fewer, the rest masked). Augmentations (yaw rotation, flips,
+scaling) change only the input coordinates: the pairs were computed on the
+raw cloud and the grid geometry offline, so both stay valid. Randomness is
+drawn from `np.random.default_rng((seed, pack index, slot))`, so a pack is the
+same whichever thread or process builds it.
 """
 
 import dataclasses
@@ -35,9 +54,9 @@ import grain
 import jax
 import numpy as np
 
-from reldistill_jax import errors, feature_store, records, serialization
+from reldistill_jax import errors, feature_store, packing, records, serialization
 
-HOST_KEYS = ("token",)
+HOST_KEYS = packing.HOST_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +80,13 @@ def _augment(xyz: np.ndarray, augment: Augment, rng: np.random.Generator) -> np.
 
 
 class Transform:
-  """Turns one bucket record (+ its teacher record) into a fixed-shape example.
+  """Turns one bucket record (+ its teacher record) into one scan's example.
+
+  The example keeps the scan's own size (V_s voxels per stage); `packing.pack`
+  joins the examples of a pack.
 
   Args:
-    bucket_config: the voxel store's config (patch size, stage ratio, stages).
-    capacity: the batch's stage-0 capacity (>= every bucket's).
-    num_pairs: P, pair slots per sample (0 for no pairs).
+    num_pairs: P, pair slots per scan (0 for no pairs).
     intensity_scale: factor bringing intensity to about [0, 1] (1/255 for
       nuScenes, 1 for SemanticKITTI).
     grid: (h, w) of the teacher's feature maps, to place pairs on.
@@ -75,64 +95,56 @@ class Transform:
 
   def __init__(
     self,
-    bucket_config: Mapping[str, Any],
-    capacity: int,
     num_pairs: int,
     intensity_scale: float,
     grid: tuple[int, int] | None = None,
     augment: Augment | None = None,
   ):
-    self.patch_size = bucket_config["patch_size"]
-    self.stage_ratio = bucket_config["stage_ratio"]
-    self.num_stages = bucket_config["num_stages"]
-    self.capacity = capacity
     self.num_pairs = num_pairs
     self.intensity_scale = intensity_scale
     self.grid = grid
     self.augment = augment
 
   def __call__(self, record: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
-    bucket = serialization.pad_bucket(
-      dict(record), self.capacity, self.patch_size, self.stage_ratio
-    )
-    valid = bucket["s0/mask"]
-    xyz = bucket["features"][:, :3]
+    xyz = record["features"][:, :3]
     if self.augment is not None:
-      xyz = np.where(valid[:, None], _augment(xyz, self.augment, rng), 0.0)
-    intensity = bucket["features"][:, 3:4] * np.float32(self.intensity_scale)
+      xyz = _augment(xyz, self.augment, rng)
+    intensity = record["features"][:, 3:4] * np.float32(self.intensity_scale)
     example = {
-      "token": bucket["token"],
+      "token": record["token"],
       "features": np.concatenate([xyz, intensity], axis=1).astype(np.float32),
-      "labels": bucket["labels"].astype(np.int32),
+      "labels": record["labels"].astype(np.int32),
     }
-    for s in range(self.num_stages):
-      for key in ("mask", "order", "inverse", "neighbors", "parent"):
-        if f"s{s}/{key}" in bucket:
-          example[f"s{s}/{key}"] = bucket[f"s{s}/{key}"]
-    example.update(self._pairs(bucket, rng))
+    for key, value in record.items():
+      if key.startswith("s") and key.split("/")[-1] in ("order", "inverse", "neighbors", "parent"):
+        example[key] = value
+      elif key.startswith("s") and key.endswith("/coords"):
+        example[key.replace("/coords", "/octant")] = serialization.octants(value)
+    if self.num_pairs:
+      example.update(self._pairs(record, rng))
     if "teacher" in record:
       example["teacher"] = record["teacher"]
     return example
 
-  def _pairs(self, bucket: Mapping[str, Any], rng: np.random.Generator | None) -> dict:
+  def _pairs(self, record: Mapping[str, Any], rng: np.random.Generator | None) -> dict:
     p = self.num_pairs
-    m = len(bucket["pairs_voxel"])
+    m = len(record["pairs_voxel"])
     if m > p:
       # Sorted: the kept pairs stay in camera order, which keeps gathers local.
       pick = np.sort(rng.choice(m, p, replace=False)) if rng is not None else np.arange(p)
     else:
       pick = np.arange(m)
     n = len(pick)
-    camera = bucket["pairs_camera"][pick].astype(np.int32)
+    camera = record["pairs_camera"][pick].astype(np.int32)
     grid = np.zeros((p, 2), np.float32)
     if n and self.grid is not None:
-      native = bucket["image_sizes"][camera].astype(np.float32)  # (n, 2) height, width
-      uv = bucket["pairs_uv"][pick]
+      native = record["image_sizes"][camera].astype(np.float32)  # (n, 2) height, width
+      uv = record["pairs_uv"][pick]
       grid[:n, 0] = (uv[:, 1] + 0.5) * self.grid[0] / native[:, 0]
       grid[:n, 1] = (uv[:, 0] + 0.5) * self.grid[1] / native[:, 1]
     pad = lambda x: np.concatenate([x, np.zeros((p - n, *x.shape[1:]), x.dtype)])
     return {
-      "pairs_voxel": pad(bucket["pairs_voxel"][pick].astype(np.int32)),
+      "pairs_voxel": pad(record["pairs_voxel"][pick].astype(np.int32)),
       "pairs_camera": pad(camera),
       "pairs_grid": grid,
       "pairs_mask": np.arange(p) < n,
@@ -160,12 +172,25 @@ class JoinedSource:
     return record
 
 
+class PackedSource:
+  """The records of every pack of a `packing.PackPlan` (a grain random-access source)."""
+
+  def __init__(self, source, plan: packing.PackPlan):
+    self.source = source
+    self.plan = plan
+
+  def __len__(self) -> int:
+    return len(self.plan)
+
+  def __getitem__(self, index: int) -> list[dict]:
+    return [self.source[int(i)] for i in self.plan[index]]
+
+
 def require_labels(buckets: records.ShardedReader, use: str, every: bool) -> None:
   """Refuses a bucket store without labels for a `use` that needs them (fine-tuning, evaluation).
 
   The voxeliser counts the labelled scans of a store in its manifest
-  (`stats.labelled_scans`); a store written before it did is not checked here
-  (evaluation still refuses an unlabelled scan when it meets one).
+  (`stats.labelled_scans`).
 
   Args:
     buckets: the store.
@@ -176,7 +201,7 @@ def require_labels(buckets: records.ShardedReader, use: str, every: bool) -> Non
     errors.DataError: naming the store and how many scans have labels.
   """
   labelled = buckets.stats.get("labelled_scans")
-  if labelled is None or labelled == len(buckets) or (labelled and not every):
+  if labelled == len(buckets) or (labelled and not every):
     return
   raise errors.DataError(
     f"{buckets.path}: {labelled} of {len(buckets)} scans have labels, and {use} needs "
@@ -202,84 +227,78 @@ def check_join(buckets: records.ShardedReader, store: feature_store.FeatureStore
     )
 
 
-def dataset(
-  buckets: records.ShardedReader,
-  store: feature_store.FeatureStore | None,
-  transform: Transform,
-  batch_size: int,
-  *,
-  seed: int,
-  shuffle: bool = True,
-  num_epochs: int | None = None,
-  drop_remainder: bool = True,
-) -> grain.MapDataset:
-  """Shuffled, transformed, batched examples (batched before `to_iter_dataset`).
+def packs(source, plan: packing.PackPlan, transform: Transform, seed: int) -> grain.MapDataset:
+  """The packed examples of `plan` (one per pack), each scan transformed with its own rng."""
 
-  Args:
-    buckets: the voxel store.
-    store: the teacher feature store, or None.
-    transform: per-example transform (`Transform`).
-    batch_size: examples per batch (per process).
-    seed: seed of the order and of the per-example randomness.
-    shuffle: shuffle the order of every epoch.
-    num_epochs: epochs (None: repeat forever).
-    drop_remainder: drop the last incomplete batch.
-  """
-  if store is not None:
-    check_join(buckets, store)
-  ds = grain.MapDataset.source(JoinedSource(buckets, store))
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs)
-  if transform.augment is not None or transform.num_pairs:
-    ds = ds.random_map(lambda r, rng: transform(r, rng), seed=seed)
-  else:
-    ds = ds.map(transform)
-  return ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=stack)
+  def build(index: int, scans: list[dict]) -> dict:
+    rngs = [np.random.default_rng((seed, index, slot)) for slot in range(len(scans))]
+    examples = [transform(r, rng) for r, rng in zip(scans, rngs, strict=True)]
+    return packing.pack(examples, plan.budgets)
+
+  return grain.MapDataset.source(PackedSource(source, plan)).map_with_index(build)
 
 
 def process_dataset(
   buckets: records.ShardedReader,
   store: feature_store.FeatureStore | None,
   transform: Transform,
+  budgets: packing.Budgets,
   inp,
   seed: int,
   process_index: int,
   process_count: int,
+  packs_per_process: int,
 ) -> grain.IterDataset:
-  """Block `process_index` of `process_count` of every global batch, read ahead.
+  """This process's packs of every global batch, shuffled, augmented and read ahead.
 
-  Global batch j (`inp.batch_size` examples) is the per-process batches
-  j * count ... (j + 1) * count - 1 of one shuffled, augmented stream, so each
-  process loads and augments only its own block, and the examples are those of
-  one process reading whole global batches.
+  Global batch j is the packs j * n ... (j + 1) * n - 1 of one stream (n packs
+  per step, split over the devices) planned from the store's manifest, so each
+  process loads and augments only its own packs, and the packs (and the losses)
+  are those of one process reading whole global batches on any number of
+  devices.
 
   Args:
-    buckets, store, transform: as `dataset`.
-    inp: the config's `input` block (`batch_size`, `num_threads`, `prefetch`).
-    seed: the run's seed.
+    buckets, store, transform: the bucket store, the feature store (or
+      None) and the per-scan transform.
+    budgets: the pack shape (`packing.fit_budgets`).
+    inp: the config's `input` block (`pack_bins`, `num_threads`, `prefetch`).
+    seed: the run's seed (the shuffles, augmentations and pair samples).
     process_index, process_count: this process's block (`distributed.batch_slice`).
+    packs_per_process: the packs of this process's devices in one step.
   """
-  per_process = inp.batch_size // process_count
-  ds = dataset(buckets, store, transform, per_process, seed=seed)
-  ds = ds[process_index::process_count]
+  if store is not None:
+    check_join(buckets, store)
+  plan = packing.PackPlan(buckets.sizes, budgets, seed=seed, bins=inp.pack_bins)
+  ds = packs(JoinedSource(buckets, store), plan, transform, seed)
+  ds = ds.batch(packs_per_process, batch_fn=stack)[process_index::process_count]
   options = grain.ReadOptions(num_threads=inp.num_threads, prefetch_buffer_size=inp.prefetch)
   return ds.to_iter_dataset(options)
 
 
-def example_batch(buckets: records.ShardedReader, inp) -> dict[str, np.ndarray]:
-  """A batch of one (the store's first scan, no pairs) to initialise a model from.
+def one_scan_batch(example: Mapping[str, np.ndarray], patch_size: int) -> dict[str, np.ndarray]:
+  """A batch of one pack holding one scan's example, in the smallest budgets that hold it."""
+  counts = [example[f"s{s}/inverse"].shape[1] for s in range(_num_stages(example))]
+  packed = packing.pack([example], packing.budgets_for(np.asarray([counts]), patch_size))
+  return {k: v[None] for k, v in packed.items() if k not in HOST_KEYS}
+
+
+def _num_stages(example: Mapping[str, Any]) -> int:
+  return sum(1 for key in example if key.endswith("/inverse"))
+
+
+def example_batch(buckets: records.ShardedReader, inp, patch_size: int) -> dict[str, np.ndarray]:
+  """A batch of one scan (the store's first, no pairs) to initialise a model from.
 
   Args:
     buckets: a bucket store.
-    inp: the config's `input` block (`capacity`, `intensity_scale`).
+    inp: the config's `input` block (`intensity_scale`).
+    patch_size: the model's attention patch.
   """
-  example = Transform(buckets.config, inp.capacity, 0, inp.intensity_scale)(buckets[0])
-  return {k: v[None] for k, v in example.items() if k not in HOST_KEYS}
+  return one_scan_batch(Transform(0, inp.intensity_scale)(buckets[0]), patch_size)
 
 
 def stack(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-  """Stacks examples into a batch (strings into an object array)."""
+  """Stacks examples (packs) into a batch (strings into an object array)."""
   return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
 

@@ -85,7 +85,6 @@ def prepare_synthetic_data(
     vox = data.voxel
     bucket_config = voxelise.bucket_config(
       builder, split, len(source()), voxel_size=vox.voxel_size, num_stages=vox.num_stages,
-      patch_size=vox.patch_size, capacities=vox.capacities, stage_ratio=vox.stage_ratio,
       records_per_shard=vox.records_per_shard,
     )  # fmt: skip
     voxelise.voxelise_split(
@@ -138,8 +137,7 @@ def run_default(
   val = records.ShardedReader(str(paths["buckets/val"]))
   val_store = feature_store.FeatureStore(paths["features/val"], {"teacher": "synthetic"})
   text = evaluation_runs.load_text_embeddings(paths["text"])
-  plain = input_pipeline.Transform(val.config, pre.input.capacity, 0, pre.input.intensity_scale)
-  example = {k: v[None] for k, v in plain(val[0]).items() if k not in input_pipeline.HOST_KEYS}
+  example = input_pipeline.example_batch(val, pre.input, pre.model.patch_size)  # val[0]
   init_params = jax.jit(model.init)(jax.random.key(pre.seed), example)
   names = classes.NUSCENES_CLASSES
   batch = config.eval.batch_size
@@ -153,29 +151,29 @@ def run_default(
 
   # Structural gap on held-out pairs.
   with_pairs = input_pipeline.Transform(
-    val.config, pre.input.capacity, pre.input.num_pairs, pre.input.intensity_scale,
-    grid=tuple(val_store.config["grid"]),
-  )  # fmt: skip
+    pre.input.num_pairs, pre.input.intensity_scale, grid=tuple(val_store.config["grid"])
+  )
+  budgets = runtime.pack_budgets(pre, val, batch // mesh.shape["data"], "evaluation")
   gap = evaluate.structural_gap(
-    model, params, val, val_store, with_pairs, batch, mesh, config.eval.max_pairs
+    model, params, val, val_store, with_pairs, budgets, mesh, config.eval.max_pairs
   )
 
   # Few-shot: fine-tune the pretrained student on the 1% subset.
   fewshot = finetune.finetune_and_evaluate(ft, workdir / "fewshot", override_config)["metrics"]
 
   # Bird's-eye view of one validation scan: zero-shot predictions against labels.
-  scan = plain(val[0])
+  scan = val[0]
   features = jax.jit(model.apply)(params, example)[0]
-  predicted = np.asarray(zeroshot_lib.zero_shot_predict(features, text))[0]
-  valid = scan["s0/mask"]
+  voxels = scan["num_voxels"]
+  predicted = np.asarray(zeroshot_lib.zero_shot_predict(features, text))[0, :voxels]
   bev = {
-    "points": scan["features"][valid, :3],
-    "pred": predicted[valid],
-    "label": scan["labels"][valid],
+    "points": scan["features"][:, :3],
+    "pred": predicted,
+    "label": scan["labels"],
     "class_names": names,
     "title": (
       f"Zero-shot predictions of the {pre.loss.name} student ({pre.model.variant}, "
-      f"{pre.num_steps} steps) on validation scan {scan['token']}, {int(valid.sum()):,} voxels"
+      f"{pre.num_steps} steps) on validation scan {scan['token']}, {voxels:,} voxels"
     ),
   }
   metrics = {

@@ -7,7 +7,9 @@ A store is a folder:
 
 `manifest.json` holds the caller's `config` (whatever defines the content:
 builder, split, voxel size, ...), `num_shards`, the completed `shards` (each
-with its file, record count, size in bytes, sha256 and the writer's `stats`),
+with its file, record count, size in bytes, sha256, the writer's `stats` and
+per-record `sizes`, e.g. a bucket's voxels per stage, read without opening
+the shard),
 `num_records`, `stats` (the shards' stats summed), `complete`, and `index`,
 mapping each record's `token` to `[shard, position]`. Records are dicts of
 numpy arrays and scalars in the binary format of `encode_record`.
@@ -35,7 +37,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -404,13 +406,21 @@ class ShardedWriter:
     return [s for s in range(self.num_shards) if s not in self._shards]
 
   def write_shard(
-    self, shard: int, records: Iterable[Mapping[str, Value]], stats: Mapping | None = None
+    self,
+    shard: int,
+    records: Iterable[Mapping[str, Value]],
+    stats: Mapping | None = None,
+    sizes: Sequence[Sequence[int]] | None = None,
   ) -> None:
     """Writes shard `shard` atomically and records it in the manifest."""
-    self.mark_complete(shard, write_shard_file(self.shard_path(shard), records), stats)
+    self.mark_complete(shard, write_shard_file(self.shard_path(shard), records), stats, sizes)
 
   def mark_complete(
-    self, shard: int, written: Mapping[str, Any], stats: Mapping[str, int] | None = None
+    self,
+    shard: int,
+    written: Mapping[str, Any],
+    stats: Mapping[str, int] | None = None,
+    sizes: Sequence[Sequence[int]] | None = None,
   ) -> None:
     """Records a shard written by `write_shard_file` (rewrites the manifest).
 
@@ -419,11 +429,15 @@ class ShardedWriter:
       written: what `write_shard_file` returned.
       stats: counts the caller keeps per shard (e.g. labelled scans); the
         finalised manifest holds their sums as `stats`.
+      sizes: one row of integers per record, in the shard's order (e.g. a
+        bucket's voxels per stage); readers get them as `sizes`.
 
     Raises:
       RecordError: a token is already in another shard (or twice in this one).
     """
     tokens = written["tokens"]
+    if sizes is not None and len(sizes) != len(tokens):
+      raise ValueError(f"{len(sizes)} rows of sizes for the {len(tokens)} records of shard {shard}")
     if not 0 <= shard < self.num_shards:
       raise ValueError(f"shard {shard} outside [0, {self.num_shards})")
     # A shard written again replaces its old entries.
@@ -443,6 +457,8 @@ class ShardedWriter:
       "sha256": written["sha256"],
       "stats": dict(stats or {}),
     }
+    if sizes is not None:
+      self._shards[shard]["sizes"] = [[int(v) for v in row] for row in sizes]
     self._index.update(entries)
     self._write_manifest(complete=False)
 
@@ -532,6 +548,9 @@ class ShardedReader:
         "to rewrite them"
       )
     self._starts = np.cumsum([0] + [e["num_records"] for e in entries])
+    # (N, k) per-record sizes of the writer, in record order; None when not written.
+    rows = [row for e in entries for row in e.get("sizes", [])]
+    self.sizes = np.asarray(rows, np.int64) if len(rows) == len(self) and rows else None
     self._index = {t: (int(s), int(p)) for t, (s, p) in manifest["index"].items()}
     if len(self._index) != len(self):
       raise RecordError(f"{self.path}: the index holds {len(self._index)} of {len(self)} records")

@@ -5,6 +5,12 @@ probing) are each one readable function built from these parts, and the
 evaluations (`evaluation_runs.py`, `pipeline.py`) load models through them.
 
   make_mesh, make_model          the 1-D `data` mesh; the student of `config.model`
+  sgd, weight_decay_mask         PyTorch's SGD (momentum, dampening); what decays
+  split_statistics, merge, encode
+                                 a student's variables: trainable parameters and
+                                 BatchNorm statistics (`batch_stats`), and one
+                                 forward pass that updates the statistics when training
+  pack_budgets                   the pack shape fitted to a bucket store
   sharded_state                  a train state's shapes, shardings and initial value
   record_config                  the workdir's config.json, and the restart check
   checkpoint_manager, save_checkpoint, restore_checkpoint, load_params
@@ -31,13 +37,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from reldistill_jax import errors, files, input_pipeline, records
+from reldistill_jax import errors, files, input_pipeline, packing, records
 from reldistill_jax import metrics_writer as mw
 
 CONFIG_FILE = "config.json"
@@ -68,12 +75,68 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 def make_model(config: ml_collections.ConfigDict):
   """The student named by `config.model.name` (a module of reldistill_jax.models)."""
   module = importlib.import_module(f"reldistill_jax.models.{config.model.name}")
-  return module.Model(
-    variant=config.model.variant,
-    out_dim=config.model.out_dim,
-    patch_size=config.model.patch_size,
-    num_curves=config.model.num_curves,
-    dtype=jnp.dtype(config.model.dtype),
+  return module.from_config(config.model, jnp.dtype(config.model.dtype))
+
+
+def split_statistics(tree: Mapping) -> tuple[dict, dict]:
+  """(the tree without its `batch_stats` collections, those collections at their paths).
+
+  A train state's "params" hold a student's variables, its BatchNorm statistics
+  included (so evaluation and checkpoints see one tree); the optimizer and the
+  gradients see only the first part.
+  """
+  trainable, statistics = {}, {}
+  for key, value in tree.items():
+    if key == "batch_stats":
+      statistics[key] = value
+    elif isinstance(value, Mapping):
+      trainable[key], inner = split_statistics(value)
+      if inner:
+        statistics[key] = inner
+    else:
+      trainable[key] = value
+  return trainable, statistics
+
+
+def merge(tree: Mapping, other: Mapping) -> dict:
+  """The union of two trees of dicts that `split_statistics` split."""
+  out = dict(tree)
+  for key, value in other.items():
+    out[key] = merge(out[key], value) if key in out and isinstance(value, Mapping) else value
+  return out
+
+
+def encode(model, variables: Mapping, batch, train: bool) -> tuple[Any, dict]:
+  """(model.apply(variables, batch), the variables after it): in training, BatchNorm layers
+  normalise by the batch and their running statistics are updated; otherwise they use
+  the running statistics and nothing changes."""
+  if train and "batch_stats" in variables:
+    out, updated = model.apply(variables, batch, mutable=["batch_stats"])
+    return out, {**variables, **updated}
+  return model.apply(variables, batch), dict(variables)
+
+
+def sgd(learning_rate, momentum: float, dampening: float, weight_decay: float):
+  """PyTorch's `torch.optim.SGD` (weight decay added to the gradient, then momentum with
+  dampening: buf = momentum buf + (1 - dampening) grad, the first buf being the gradient
+  itself), decaying only `weight_decay_mask`'s parameters. With dampening 0 it is optax's
+  SGD with momentum."""
+
+  def init(params):
+    return (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.int32))
+
+  def update(grads, state, params=None):
+    del params
+    buf, count = state
+    buf = jax.tree.map(
+      lambda b, g: jnp.where(count == 0, g, momentum * b + (1 - dampening) * g), buf, grads
+    )
+    return buf, (buf, count + 1)
+
+  return optax.chain(
+    optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+    optax.GradientTransformation(init, update),
+    optax.scale_by_learning_rate(learning_rate),
   )
 
 
@@ -82,18 +145,49 @@ def weight_decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def check_patch_size(config: ml_collections.ConfigDict, buckets: records.ShardedReader) -> None:
-  """Fails when the model's patch size is not the one the buckets were serialised for."""
-  if config.model.patch_size != buckets.config["patch_size"]:
-    raise errors.ConfigError(
-      f"config.model.patch_size {config.model.patch_size} differs from the buckets' "
-      f"{buckets.config['patch_size']} ({buckets.path}); set --config.model.patch_size="
-      f"{buckets.config['patch_size']}"
+def pack_budgets(
+  config: ml_collections.ConfigDict,
+  buckets: records.ShardedReader,
+  scans_per_pack: int,
+  name: str = "training",
+) -> packing.Budgets:
+  """The pack shape of `buckets`: token budgets fitted to its scans (`packing.fit_budgets`).
+
+  Args:
+    config: a run config (`model`, `input.pack_bins`).
+    buckets: the bucket store.
+    scans_per_pack: S, the scans of one pack.
+    name: what the packs are for, in the log line.
+
+  Raises:
+    errors.DataError: the store has fewer stages than the model.
+  """
+  model = make_model(config)
+  stages = model.num_stages()
+  if buckets.config["num_stages"] < stages:
+    raise errors.DataError(
+      f"{buckets.path} holds {buckets.config['num_stages']} stages, the {config.model.variant} "
+      f"{config.model.name} needs {stages}; voxelise with --num_stages {stages}"
     )
+  sizes = buckets.sizes[:, :stages]
+  budgets = packing.fit_budgets(
+    sizes, scans_per_pack, config.model.patch_size, model.token_costs(),
+    bins=config.input.get("pack_bins", 8),
+  )  # fmt: skip
+  fill = np.minimum(scans_per_pack * sizes.mean(axis=0) / np.asarray(budgets.tokens), 1.0)
+  logging.info(
+    "%s packs: up to %d scans, token budgets %s (a pack of %d mean scans fills %s)",
+    name, budgets.scans, list(budgets.tokens), scans_per_pack,
+    " / ".join(f"{f:.0%}" for f in fill),
+  )  # fmt: skip
+  return budgets
 
 
 def sharded_state(init_params: Callable, tx, seed: int, mesh: jax.sharding.Mesh):
   """A train state {"params", "opt_state", "step"} replicated on `mesh`, shape first.
+
+  "params" holds the student's variables; the optimizer state covers their
+  trainable part (`split_statistics`).
 
   Args:
     init_params: `init_params(rng) -> params`.
@@ -109,7 +203,8 @@ def sharded_state(init_params: Callable, tx, seed: int, mesh: jax.sharding.Mesh)
 
   def init(rng):
     params = init_params(rng)
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    opt_state = tx.init(split_statistics(params)[0])
+    return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
 
   replicated = NamedSharding(mesh, P())
   abstract = jax.eval_shape(init, jax.random.key(seed))

@@ -1,7 +1,7 @@
 r"""The loss study on the synthetic world: each loss x seeds, then the gap study.
 
   python -m reldistill_jax.study --workdir workdir/study [--losses relational,contrastive,similarity]
-      [--seeds 0,1,2] [--pretrain_steps 60] [--finetune_epochs 20]
+      [--seeds 0,1,2] [--pretrain_steps 60] [--finetune_epochs 20] [--model minkunet34c]
 
 Runs the embedded default (configs/default.py) once per (loss, seed), all on
 one shared synthetic world (`<workdir>/data`), each in `<workdir>/<loss>_s<seed>`,
@@ -17,6 +17,7 @@ import pathlib
 import numpy as np
 from absl import flags
 
+from configs import common
 from configs import default as default_config
 from configs import gap as gap_config
 from reldistill_jax import cli, evaluation_runs, pipeline
@@ -26,6 +27,10 @@ _LOSSES = flags.DEFINE_list("losses", ["relational", "contrastive", "similarity"
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (pretraining and fine-tuning).")
 _STEPS = flags.DEFINE_integer("pretrain_steps", 60, "Pretraining steps per run.")
 _EPOCHS = flags.DEFINE_integer("finetune_epochs", 20, "1% fine-tuning epochs per run.")
+_MODEL = flags.DEFINE_enum(
+  "model", "ptv3_base", list(common.MODELS),
+  "The student (configs/default.py model=; ptv3 runs its tiny variant).",
+)  # fmt: skip
 
 COLUMNS = (("zeroshot", "miou"), ("fewshot_1pct", "miou"), ("gap", "G"))
 
@@ -36,7 +41,7 @@ def run_study(
   """Runs every (loss, seed) and the gap study; returns the markdown table.
 
   `config_arg` is the argument of configs/default.py (`"runlocal"`: a 3-scene
-  world, as the notebooks use).
+  world, as the notebooks use; `"model=minkunet34c"`: that student).
   """
   workdir = pathlib.Path(workdir)
   runs = {}
@@ -88,7 +93,12 @@ def main(argv):
   del argv
   print(
     run_study(
-      pathlib.Path(_WORKDIR.value), _LOSSES.value, _SEEDS.value, _STEPS.value, _EPOCHS.value
+      pathlib.Path(_WORKDIR.value),
+      _LOSSES.value,
+      _SEEDS.value,
+      _STEPS.value,
+      _EPOCHS.value,
+      config_arg=f"model={_MODEL.value}",
     )
   )
 

@@ -46,10 +46,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
   if opt.name == "adamw":
     core = optax.adamw(schedule, weight_decay=opt.weight_decay, mask=runtime.weight_decay_mask)
   elif opt.name == "sgd":
-    core = optax.chain(
-      optax.add_decayed_weights(opt.weight_decay, mask=runtime.weight_decay_mask),
-      optax.sgd(schedule, momentum=opt.momentum),
-    )
+    core = runtime.sgd(schedule, opt.momentum, opt.get("dampening", 0.0), opt.weight_decay)
   else:
     raise ValueError(f"config.optimizer.name: unknown optimizer {opt.name!r}")
   tx = optax.chain(optax.clip_by_global_norm(opt.clip_norm), core) if opt.clip_norm else core
@@ -76,48 +73,61 @@ def make_loss(config: ml_collections.ConfigDict, mesh):
   raise ValueError(f"config.loss.name: unknown loss {cfg.name!r}")
 
 
-def open_data(config: ml_collections.ConfigDict, process_index: int, process_count: int):
-  """The training dataset of this process (`input_pipeline.process_dataset`) and the stores
-  behind it."""
+def open_data(config: ml_collections.ConfigDict, data_sharding):
+  """This process's packed training batches (`input_pipeline.process_dataset`) and the stores.
+
+  Args:
+    config: the run's config.
+    data_sharding: the batch sharding: the packs of a step split over its `data` axis.
+
+  Returns:
+    (dataset, buckets, store, budgets).
+  """
   inp = config.input
   buckets = records.ShardedReader(inp.buckets, {"bucket_version": serialization.BUCKET_VERSION})
   store = feature_store.FeatureStore(
     inp.features, {"teacher": config.teacher, "feature_dim": config.model.out_dim}
   )
+  budgets = runtime.pack_budgets(config, buckets, inp.pack_size)
   transform = input_pipeline.Transform(
-    buckets.config,
-    inp.capacity,
     inp.num_pairs,
     inp.intensity_scale,
     grid=tuple(store.config["grid"]),
     augment=input_pipeline.Augment(inp.augment.rotate, inp.augment.flip, tuple(inp.augment.scale)),
   )
+  # This process's block of every step's packs: the rows its devices hold.
+  packs = inp.batch_size // inp.pack_size
+  index, count = distributed.batch_slice(data_sharding, packs)
   ds = input_pipeline.process_dataset(
-    buckets, store, transform, inp, config.seed, process_index, process_count
+    buckets, store, transform, budgets, inp, config.seed, index, count, packs // count
   )
-  return ds, buckets, store
+  return ds, buckets, store, budgets
 
 
 def update_step(state, batch, *, model, tx, loss_fn, schedule):
   """One optimizer step; returns the new state and its measurements."""
+  trainable, statistics = runtime.split_statistics(state["params"])
 
   def objective(params):
-    features, _ = model.apply(params, batch)
+    (features, _), variables = runtime.encode(
+      model, runtime.merge(params, statistics), batch, train=True
+    )
     k, q, mask = pairs.batch_pairs(features, batch)
     out = loss_fn(k, q, mask)
-    return out["loss"], (out, mask.sum())
+    return out["loss"], (out, mask.sum(), variables)
 
-  (_, (parts, num_pairs)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
-  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
+  (_, (parts, num_pairs, variables)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+  updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+  trainable = optax.apply_updates(trainable, updates)
   measurements = {
     **{f"loss/{k}" if k != "loss" else "loss": v for k, v in parts.items()},
     "grad_norm": optax.tree.norm(grads),
-    "param_norm": optax.tree.norm(params),
+    "param_norm": optax.tree.norm(trainable),
     "update_norm": optax.tree.norm(updates),
     "learning_rate": schedule(state["step"]),
     "pairs": num_pairs,
   }
+  params = runtime.merge(trainable, runtime.split_statistics(variables)[1])
   return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, measurements
 
 
@@ -145,18 +155,15 @@ def train_and_evaluate(
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P("data"))
 
-  # Data: this process's block of every global batch (the rows its devices hold).
-  iterator_ds, buckets, _ = open_data(
-    config, *distributed.batch_slice(data_sharding, config.input.batch_size)
-  )
+  # Data: this process's packs of every step, one per device.
+  iterator_ds, buckets, _, _ = open_data(config, data_sharding)
   iterator = iter(iterator_ds)
-  runtime.check_patch_size(config, buckets)
   runtime.record_config(config, workdir, override_config)  # only once the inputs are known good
 
   # Model and optimizer, shape first, then initialised already replicated.
   model = runtime.make_model(config)
   tx, schedule = make_optimizer(config)
-  example = input_pipeline.example_batch(buckets, config.input)
+  example = input_pipeline.example_batch(buckets, config.input, config.model.patch_size)
 
   _, state_sharding, abstract_sharded, make_state = runtime.sharded_state(
     lambda rng: model.init(rng, example), tx, config.seed, mesh

@@ -8,7 +8,7 @@ returns its path (the figures are built as in `report`, without pyplot).
                             its voxel bucket (`point_to_voxel`).
   load_scan                 a TFDS record and its bucket, joined by token.
   class_colours             RGB of training ids in the report's palette.
-  voxel_features            the student's (C0, D) features of one bucket.
+  voxel_features            the student's (V0, D) features of one bucket.
   point_values              per-voxel values -> per-point values.
   pca_colours               RGB of features from their first three principal
                             components.
@@ -44,7 +44,7 @@ class Scan:
     token: the sample token.
     points: (N, 3) float32 x, y, z of every original point (lidar frame, m).
     labels: (N,) int training ids (0 = ignore or unlabelled).
-    point_to_voxel: (N,) int32 stage-0 slot of each point, -1 if dropped.
+    point_to_voxel: (N,) int32 stage-0 voxel of each point.
     images: the six camera JPEGs (bytes), in `classes.NUSCENES_CAMERAS` order
       (none for SemanticKITTI, whose records hold no images or pairs).
     pairs_point: (M,) int32 point index of each point-to-pixel pair.
@@ -115,26 +115,26 @@ def class_colours(labels: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
   return palette[labels]
 
 
-def _batch(example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  return {k: v[None] for k, v in example.items() if k not in input_pipeline.HOST_KEYS}
-
-
-def voxel_features(model, params, bucket: Mapping[str, Any], transform) -> np.ndarray:
-  """(C0, D) float32 features of the student for every slot of one bucket.
+def voxel_features(
+  model, params, bucket: Mapping[str, Any], transform, patch_size: int
+) -> np.ndarray:
+  """(V0, D) float32 features of the student for every voxel of one bucket.
 
   Args:
     model: the student (`runtime.make_model(config)`).
     params: its parameters (`runtime.load_params(checkpoints)`).
     bucket: a bucket record.
     transform: an evaluation `input_pipeline.Transform` (no augmentation).
+    patch_size: the student's attention patch (`config.model.patch_size`).
   """
-  features, _ = jax.jit(model.apply)(params, _batch(transform(bucket)))
-  return np.asarray(jax.device_get(features[0]), np.float32)
+  batch = input_pipeline.one_scan_batch(transform(bucket), patch_size)
+  features, _ = jax.jit(model.apply)(params, batch)
+  return np.asarray(jax.device_get(features[0]), np.float32)[: bucket["num_voxels"]]
 
 
-def point_values(scan: Scan, per_voxel: np.ndarray, fill=np.nan) -> np.ndarray:
-  """(N, ...) the value of each point's voxel (`evaluate.point_values`); `fill` where dropped."""
-  return evaluate.point_values(scan.point_to_voxel, per_voxel, fill)
+def point_values(scan: Scan, per_voxel: np.ndarray) -> np.ndarray:
+  """(N, ...) the value of each point's voxel (`evaluate.point_values`)."""
+  return evaluate.point_values(scan.point_to_voxel, per_voxel)
 
 
 def pca_colours(features: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -243,7 +243,7 @@ def plot_scan(
 
 
 def pair_features(
-  model, params, joined: Mapping[str, Any], transform
+  model, params, joined: Mapping[str, Any], transform, patch_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The student's and the teacher's features of one scan's pairs.
 
@@ -252,13 +252,14 @@ def pair_features(
     joined: a bucket record holding its teacher maps under "teacher"
       (`input_pipeline.JoinedSource`).
     transform: an evaluation `Transform` with pairs and the store's grid.
+    patch_size: the student's attention patch.
 
   Returns:
     (K, Q, labels): (M, D) float32 student and teacher features of the M
     valid pairs, both L2-normalised, and the (M,) label of each pair's voxel.
   """
   example = transform(joined)
-  batch = _batch(example)
+  batch = input_pipeline.one_scan_batch(example, patch_size)
 
   @jax.jit
   def fn(params, batch):

@@ -69,9 +69,9 @@ def pipeline(tmp_path_factory) -> dict[str, pathlib.Path]:
 
 @pytest.fixture(scope="session")
 def small_training_data(pipeline, tmp_path_factory) -> dict[str, pathlib.Path]:
-  """Coarse buckets (0.4 m, 2 stages, patch 128) of the pipeline world's `train`
-  and `val` splits and synthetic-teacher features of `train`: a training step
-  runs in about a second."""
+  """Coarse buckets (0.4 m, 2 stages) of the pipeline world's `train` and `val`
+  splits and synthetic-teacher features of `train`: a training step runs in
+  about a second."""
   from data_prep import teacher_features, voxelise
   from data_prep.builders import data_source
   from reldistill_jax import teachers
@@ -82,8 +82,7 @@ def small_training_data(pipeline, tmp_path_factory) -> dict[str, pathlib.Path]:
       voxelise.open_builder_split, str(pipeline["tfds"]), SYNTHETIC_BUILDER, split
     )
     config = voxelise.bucket_config(
-      SYNTHETIC_BUILDER, split, len(source()), voxel_size=0.4, num_stages=2, patch_size=128,
-      capacities=(4096, 8192), records_per_shard=2,
+      SYNTHETIC_BUILDER, split, len(source()), voxel_size=0.4, num_stages=2, records_per_shard=2,
     )  # fmt: skip
     voxelise.voxelise_split(source, str(tmp / out), config, workers=1)
   teacher = teachers.load("synthetic", pipeline["world"])

@@ -7,8 +7,6 @@ import pathlib
 import subprocess
 import sys
 
-from reldistill_jax import serialization
-
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "input_pipeline.py"
 
 
@@ -18,8 +16,9 @@ def test_smoke_measures_threads_and_compares(tmp_path):
     json.dumps(
       {
         "devices": {"device_kind": "test"},
-        "settings": {"variant": "base", "batch_size": 16},
-        "results": {"scans_per_s": 3.0},
+        "runs": [
+          {"settings": {"variant": "base", "batch_size": 16}, "results": {"scans_per_s": 3.0}}
+        ],
       }
     )
   )
@@ -43,7 +42,7 @@ def test_smoke_measures_threads_and_compares(tmp_path):
   assert "--smoke" in result["command"]
   settings, r = result["settings"], result["results"]
   assert settings["batch_size"] == 2 and settings["threads"] == [1, 2]
-  assert settings["capacity"] == 32768 and settings["num_pairs"] == 4096
+  assert settings["pack_size"] == 2 and settings["num_pairs"] == 4096
   assert result["data"]["scans"] == 4  # the 2 training scenes x 2 keyframes
 
   per = r["per_threads"]
@@ -52,13 +51,15 @@ def test_smoke_measures_threads_and_compares(tmp_path):
     assert p["scans_per_s"] > 0 and p["first_batch_s"] > 0 and p["cpu_s_per_scan"] > 0
     assert math.isclose(p["scans_per_s_per_thread"], p["scans_per_s"] / p["threads"])
     assert p["timed_batches"] == 2 and p["prefetch"] >= p["threads"]
-    # What a scan sends to the devices: its arrays at the batch shapes (~17.6 MB).
-    assert 5e6 < p["device_bytes_per_scan"] < 50e6
+    # What a scan sends to the devices: its share of the pack (a few MB).
+    assert 1e6 < p["device_bytes_per_scan"] < 50e6
   shapes = r["batch_shapes"]
-  assert shapes["features"] == [2, 32768, 4] and shapes["pairs_voxel"] == [2, 4096]
-  assert shapes["teacher"] == [2, 6, 14, 26, 512]
-  stage4 = serialization.stage_capacities(32768, 5, 1024)[4]  # the buckets' ratio is the default
-  assert shapes["s4/neighbors"] == [2, stage4, 27]
+  # One pack of 2 scans a batch: its budgets hold both, rounded to 128 tokens.
+  voxels = result["data"]["voxels_of_first_scan"][0]
+  t0 = shapes["features"][1]
+  assert shapes["features"][0] == 1 and t0 % 128 == 0 and t0 >= voxels
+  assert shapes["pairs_voxel"] == [1, 2 * 4096] and shapes["teacher"] == [1, 2, 6, 14, 26, 512]
+  assert shapes["s4/neighbors"][:1] == [1] and shapes["s4/neighbors"][2] == 27
 
   # Compressed records read from disk: a bucket (~1.5 MB) and six fp16 grids (~2 MB).
   assert r["bytes_read_per_scan"] == r["bucket_bytes_per_scan"] + r["feature_bytes_per_scan"]

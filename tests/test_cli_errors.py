@@ -42,7 +42,7 @@ def _pretrain(data, workdir, *overrides: str) -> list[str]:
   return [
     "reldistill_jax.main", PRETRAIN, f"--workdir={workdir}",
     f"--config.input.buckets={data['buckets']}", f"--config.input.features={data['features']}",
-    "--config.input.capacity=8192", "--config.model.patch_size=128", "--config.mesh.data=1",
+    "--config.model.patch_size=128", "--config.mesh.data=1",
     *overrides,
   ]  # fmt: skip
 
@@ -54,7 +54,7 @@ def _pretrain(data, workdir, *overrides: str) -> list[str]:
     ("--config.input.batch_size=0", ("config.input.batch_size=0", ">= 1")),
     ("--config.input.batch_size=abc", ("--config.input.batch_size=abc",)),
     ("--config.loss.name=hinge", ("config.loss.name='hinge'", "relational")),
-    ("--config.input.capacity=1000", ("config.input.capacity=1000", "multiple")),
+    ("--config.input.pack_size=3", ("config.input.batch_size=2", "multiple of input.pack_size")),
     ("--config.input.buckets=/nonexistent/buckets", ("/nonexistent/buckets",)),
   ],
 )
@@ -68,8 +68,8 @@ def test_a_damaged_shard_is_named_and_a_rerun_repairs_it(pipeline, tmp_path):
   out = tmp_path / "buckets"
   voxelise = [
     "data_prep.voxelise", f"--data_dir={pipeline['tfds']}", f"--builder={SYNTHETIC_BUILDER}",
-    "--split=val", f"--out={out}", "--voxel_size=0.4", "--num_stages=2", "--patch_size=128",
-    "--capacities=4096,8192", "--records_per_shard=1", "--workers=1",
+    "--split=val", f"--out={out}", "--voxel_size=0.4", "--num_stages=2",
+    "--records_per_shard=1", "--workers=1",
   ]  # fmt: skip
   assert _run(voxelise).returncode == 0
   shard = sorted(out.glob("*.array_record"))[1]

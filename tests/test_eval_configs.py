@@ -20,6 +20,7 @@ from reldistill_jax import (
   evaluate,
   evaluation_runs,
   input_pipeline,
+  packing,
   records,
   runtime,
   teachers,
@@ -37,7 +38,6 @@ def pretrained(pipeline, small_training_data, tmp_path_factory) -> dict[str, pat
   config = pretrain.get_config("loss=relational,teacher=synthetic,dataset=synthetic,runlocal")
   config.input.buckets = str(small_training_data["buckets"])
   config.input.features = str(small_training_data["features"])
-  config.input.capacity = 8192
   config.input.num_pairs = 256
   config.model.patch_size = 128
   config.mesh.data = 1
@@ -59,7 +59,6 @@ def _zeroshot_config(pretrained):
   config.checkpoint = str(pretrained["checkpoint"])
   config.input.val_buckets = str(pretrained["val"])
   config.text_embeddings = str(pretrained["text"])
-  config.input.capacity = 8192
   config.model.update(MODEL)
   config.mesh.data = 1
   return config
@@ -80,10 +79,12 @@ def test_zeroshot_scores_the_checkpoint(pretrained, tmp_path):
   val = records.ShardedReader(str(pretrained["val"]))
   with np.load(pretrained["text"]) as f:
     text = f["embeddings"]
-  transform = input_pipeline.Transform(val.config, 8192, 0, config.input.intensity_scale)
+  # One scan per pack here: a scan's predictions do not depend on its pack.
+  transform = input_pipeline.Transform(0, config.input.intensity_scale)
+  budgets = packing.fit_budgets(val.sizes[:, :2], 1, 128)
   direct = evaluate.zero_shot(
     runtime.make_model(config), runtime.load_params(pretrained["checkpoint"]), val, text,
-    transform, 2, None, classes.NUSCENES_CLASSES,
+    transform, budgets, None, classes.NUSCENES_CLASSES,
   )  # fmt: skip
   assert 0.0 < zeroshot["miou"] <= 1.0
   np.testing.assert_allclose(zeroshot["miou"], direct["miou"], rtol=1e-6)

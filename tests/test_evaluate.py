@@ -10,6 +10,7 @@ from reldistill_jax import (
   evaluate,
   feature_store,
   input_pipeline,
+  packing,
   pairs,
   records,
   teachers,
@@ -17,7 +18,7 @@ from reldistill_jax import (
 from reldistill_jax.models import point_encoder
 
 C = len(classes.NUSCENES_CLASSES)
-CAPACITY = 8192  # the small buckets' largest capacity
+PATCH = 128
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +35,23 @@ def one_device():
 
 @pytest.fixture(scope="module")
 def student(buckets):
-  model = point_encoder.Model(variant="tiny", out_dim=512, patch_size=128)
-  example = _example(_transform(buckets), buckets[0], 0)
+  model = point_encoder.Model(variant="tiny", out_dim=512, patch_size=PATCH)
+  example = _example(_transform(), buckets[0], 0)
   return model, model.init(jax.random.key(0), example)
 
 
-def _transform(buckets, num_pairs=0, grid=None):
-  return input_pipeline.Transform(buckets.config, CAPACITY, num_pairs, 1 / 255, grid=grid)
+def _transform(num_pairs=0, grid=None):
+  return input_pipeline.Transform(num_pairs, 1 / 255, grid=grid)
+
+
+def _budgets(buckets, scans_per_pack: int) -> packing.Budgets:
+  return packing.fit_budgets(buckets.sizes[:, :2], scans_per_pack, PATCH)
 
 
 def _example(transform, record, index):
-  """The batch of one scan, with the pair sample `predict_voxels` documents."""
+  """The batch of one scan alone, with the pair sample `predict_voxels` documents."""
   example = transform(record, np.random.default_rng((0, index)))
-  return {k: v[None] for k, v in example.items() if k not in input_pipeline.HOST_KEYS}
+  return input_pipeline.one_scan_batch(example, PATCH)
 
 
 class _Edited:
@@ -55,6 +60,7 @@ class _Edited:
   def __init__(self, reader, edit=lambda r: r, size=None):
     self.reader, self.edit, self.path = reader, edit, reader.path
     self.size = len(reader) if size is None else size
+    self.sizes = reader.sizes[: self.size]
 
   def __len__(self):
     return self.size
@@ -65,14 +71,8 @@ class _Edited:
 
 def _shifted(params, batch):
   """Each voxel's own label moved `shift` classes on (unlabelled voxels: class 1)."""
-  labels = batch["labels"]  # (B, C0)
+  labels = batch["labels"]  # (B, T0)
   return jnp.where(labels > 0, (labels - 1 + params["shift"]) % C + 1, 1)
-
-
-def _drop_some(record):
-  record["point_to_voxel"] = record["point_to_voxel"].copy()
-  record["point_to_voxel"][::7] = -1  # as the overflow policy marks dropped voxels
-  return record
 
 
 def _direct_metrics(source, voxel_pred_fn):
@@ -82,7 +82,7 @@ def _direct_metrics(source, voxel_pred_fn):
     record = source[i]
     voxel_pred = voxel_pred_fn(record, i)
     p2v = record["point_to_voxel"]
-    preds.append(np.array([voxel_pred[v] if v >= 0 else 0 for v in p2v]))
+    preds.append(np.array([voxel_pred[v] for v in p2v]))
     labels.append(record["point_labels"].astype(np.int64))
   pred, label = np.concatenate(preds), np.concatenate(labels)
   pred, label = pred[label > 0], label[label > 0]
@@ -111,9 +111,9 @@ def _check(metrics, expected):
   )
 
 
-def test_segmentation_on_every_point_for_any_batch_size(buckets, one_device, mesh):
-  transform = _transform(buckets)
-  source = _Edited(buckets, _drop_some)
+def test_segmentation_on_every_point_for_any_pack_size(buckets, one_device, mesh):
+  transform = _transform()
+  source = _Edited(buckets)
   results = {}
   for shift in (0, 1):
     params = {"shift": jnp.int32(shift)}
@@ -121,41 +121,41 @@ def test_segmentation_on_every_point_for_any_batch_size(buckets, one_device, mes
       source,
       lambda r, _, s=shift: np.where(r["labels"] > 0, (r["labels"].astype(int) - 1 + s) % C + 1, 1),
     )
-    assert expected["num_unpredicted"] > 0
-    # 4 scans: batches of 1, of 3 (the last padded with 2 copies), of 8 on 8 devices.
-    for batch_size, m in ((1, one_device), (3, one_device), (8, mesh)):
+    # 4 scans: packs of 1 and of 3 scans on one device, packs of 1 on 8 devices (the
+    # last batch padded with copies of its last pack).
+    for pack, m in ((1, one_device), (3, one_device), (1, mesh)):
       metrics = evaluate.segmentation(
-        _shifted, params, source, transform, batch_size, m, classes.NUSCENES_CLASSES
+        _shifted, params, source, transform, _budgets(buckets, pack), m, classes.NUSCENES_CLASSES
       )
       _check(metrics, expected)
       assert metrics["num_scans"] == len(buckets)
       assert metrics["empty_class_convention"] == "nan"
-      results[(shift, batch_size)] = metrics
+      results[(shift, pack)] = metrics
   # The voxels' own labels beat every one moved a class on.
   assert results[(0, 1)]["miou"] > 0.5 > results[(1, 1)]["miou"]
 
 
-def test_segmentation_refuses_unlabelled_scans_and_empty_splits(buckets, one_device, mesh):
-  transform = _transform(buckets)
+def test_segmentation_refuses_unlabelled_scans_and_empty_splits(buckets, one_device):
+  transform = _transform()
   params = {"shift": jnp.int32(0)}
   names = classes.NUSCENES_CLASSES
+  budgets = _budgets(buckets, 2)
   unlabelled = _Edited(buckets, lambda r: r | {"has_labels": False})
   with pytest.raises(ValueError, match=f"{buckets.path}.*no labels"):
-    evaluate.segmentation(_shifted, params, unlabelled, transform, 2, one_device, names)
+    evaluate.segmentation(_shifted, params, unlabelled, transform, budgets, one_device, names)
   empty = _Edited(buckets, size=0)
   with pytest.raises(ValueError, match=f"{buckets.path}.*no scans"):
-    evaluate.segmentation(_shifted, params, empty, transform, 2, one_device, names)
-  with pytest.raises(ValueError, match="multiple of the 8 devices"):
-    evaluate.segmentation(_shifted, params, buckets, transform, 3, mesh, names)
+    evaluate.segmentation(_shifted, params, empty, transform, budgets, one_device, names)
 
 
 def test_zero_shot_with_the_teachers_prototypes(buckets, student, pipeline, one_device):
   model, params = student
   text = teachers.load("synthetic", pipeline["world"]).text_embedding(classes.NUSCENES_CLASSES)
-  transform = _transform(buckets)
+  transform = _transform()
   metrics = evaluate.zero_shot(
-    model, params, buckets, text, transform, 2, one_device, classes.NUSCENES_CLASSES
-  )
+    model, params, buckets, text, transform, _budgets(buckets, 2), one_device,
+    classes.NUSCENES_CLASSES,
+  )  # fmt: skip
   assert np.isfinite(metrics["miou"]) and 0.0 <= metrics["miou"] <= 1.0
   assert metrics["num_unpredicted"] == 0
 
@@ -163,11 +163,11 @@ def test_zero_shot_with_the_teachers_prototypes(buckets, student, pipeline, one_
   unit = text / np.linalg.norm(text, axis=-1, keepdims=True)
 
   def voxel_pred(record, index):
-    features = np.asarray(apply(params, _example(transform, record, index)))[0]  # (C0, D)
-    return np.argmax(features @ unit.T, axis=-1) + 1
+    features = np.asarray(apply(params, _example(transform, record, index)))[0]  # (T0, D)
+    return np.argmax(features @ unit.T, axis=-1)[: record["num_voxels"]] + 1
 
   expected = _direct_metrics(buckets, voxel_pred)
-  # Batched and single-scan features may differ in the last bits: allow a few near-ties.
+  # Packed and single-scan features may differ in the last bits: allow a few near-ties.
   assert metrics["miou"] == pytest.approx(expected["miou"], abs=1e-3)
   assert metrics["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-3)
   assert metrics["num_points"] == expected["num_points"]
@@ -190,7 +190,7 @@ def test_structural_gap_equals_a_direct_computation(
 ):
   model, params = student
   store = feature_store.FeatureStore(str(small_training_data["features"]))
-  transform = _transform(buckets, num_pairs=64, grid=tuple(store.config["grid"]))
+  transform = _transform(num_pairs=64, grid=tuple(store.config["grid"]))
   apply = jax.jit(lambda p, b: pairs.batch_pairs(model.apply(p, b)[0], b))
   ks, qs, keys = [], [], []
   for i in range(len(buckets)):
@@ -202,7 +202,8 @@ def test_structural_gap_equals_a_direct_computation(
   k, q, keys = np.concatenate(ks), np.concatenate(qs), np.concatenate(keys)
   assert len(k) == 64 * len(buckets)  # every scan has more than 64 pairs
 
-  result = evaluate.structural_gap(model, params, buckets, store, transform, 3, one_device)
+  budgets = _budgets(buckets, 3)
+  result = evaluate.structural_gap(model, params, buckets, store, transform, budgets, one_device)
   gap, cka = _numpy_gap_and_cka(k, q)
   assert result["pairs"] == len(k)
   assert result["G"] == pytest.approx(gap, rel=1e-4)
@@ -210,7 +211,7 @@ def test_structural_gap_equals_a_direct_computation(
 
   # A subsample: the pairs with the 100 smallest keys of their scans' rngs.
   result = evaluate.structural_gap(
-    model, params, buckets, store, transform, 3, one_device, max_pairs=100
+    model, params, buckets, store, transform, budgets, one_device, max_pairs=100
   )
   keep = np.sort(np.argsort(keys)[:100])
   gap, cka = _numpy_gap_and_cka(k[keep], q[keep])
@@ -222,9 +223,10 @@ def test_structural_gap_equals_a_direct_computation(
 def test_structural_gap_needs_pairs_on_the_stores_grid(buckets, student, small_training_data):
   model, params = student
   store = feature_store.FeatureStore(str(small_training_data["features"]))
+  budgets = _budgets(buckets, 1)
   with pytest.raises(ValueError, match="num_pairs"):
-    evaluate.structural_gap(model, params, buckets, store, _transform(buckets), 1, None)
+    evaluate.structural_gap(model, params, buckets, store, _transform(), budgets, None)
   with pytest.raises(ValueError, match="grid"):
     evaluate.structural_gap(
-      model, params, buckets, store, _transform(buckets, 8, grid=(3, 3)), 1, None
+      model, params, buckets, store, _transform(8, grid=(3, 3)), budgets, None
     )

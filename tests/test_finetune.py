@@ -12,10 +12,10 @@ from configs import pretrain as pretrain_config
 from reldistill_jax import finetune, input_pipeline, records, runtime, train
 
 FINETUNE_OVERRIDES = {
-  "input.capacity": 8192,
   "input.split": "train",  # the fixture's store; real runs use the config's subset
   "input.val_split": "train",
   "input.batch_size": 4,  # every scan: each step sees the same batch
+  "input.pack_size": 4,
   "input.augment.rotate": False,
   "input.augment.flip": False,
   "input.augment.scale": (1.0, 1.0),
@@ -135,12 +135,7 @@ def test_lovasz_softmax_of_hard_predictions_is_one_minus_the_jaccard_index():
 def _init_params(config, data):
   """The fresh parameters a run of `config` starts from (before init_from)."""
   buckets = records.ShardedReader(str(data["buckets"]))
-  transform = input_pipeline.Transform(
-    buckets.config, config.input.capacity, 0, config.input.intensity_scale
-  )
-  example = {
-    k: v[None] for k, v in transform(buckets[0]).items() if k not in input_pipeline.HOST_KEYS
-  }
+  example = input_pipeline.example_batch(buckets, config.input, config.model.patch_size)
   encoder, head = runtime.make_model(config), finetune.make_head(config)
   return jax.jit(lambda rng: finetune.init_params(encoder, head, example, rng))(
     jax.random.key(config.seed)
@@ -185,7 +180,6 @@ def pretrained(small_training_data, tmp_path_factory):
   config.input.buckets = str(small_training_data["buckets"])
   config.input.features = str(small_training_data["features"])
   overrides = {
-    "input.capacity": 8192,
     "input.num_pairs": 256,
     "model.patch_size": 128,
     "mesh.data": 1,

@@ -22,9 +22,9 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ARG = "loss=relational,teacher=synthetic,dataset=synthetic,runlocal"
 OVERRIDES = {
-  "input.capacity": 8192,
   "input.num_pairs": 256,
-  "input.batch_size": 4,  # one sample per device, two per process
+  "input.batch_size": 4,  # one pack of one scan per device, two per process
+  "input.pack_size": 1,
   "model.patch_size": 128,
   "mesh.data": -1,
   "num_steps": 2,  # step 2's loss depends on step 1's all-reduced gradients

@@ -21,7 +21,6 @@ from reldistill_jax import errors, records, runtime, teachers, train
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ARG = "loss=relational,teacher=synthetic,dataset=synthetic,runlocal"
 OVERRIDES = {
-  "input.capacity": 8192,
   "mesh.data": 1,
   "input.num_pairs": 256,
   "model.patch_size": 128,
@@ -69,9 +68,9 @@ def test_training_runs_and_writes_its_outputs(small_training_data, tmp_path):
 def test_eight_devices_give_the_one_device_loss(small_training_data, tmp_path):
   losses = {}
   for devices in (1, 8):
-    config = _config(
-      small_training_data, num_steps=1, **{"mesh.data": devices, "input.batch_size": 8}
-    )
+    # Eight packs of one scan: one per device, or all eight on one.
+    overrides = {"mesh.data": devices, "input.batch_size": 8, "input.pack_size": 1}
+    config = _config(small_training_data, num_steps=1, **overrides)
     losses[devices] = train.train_and_evaluate(config, tmp_path / str(devices))["measurements"]
   for key in ("loss", "loss/cross", "loss/intra", "grad_norm"):
     np.testing.assert_allclose(losses[8][key], losses[1][key], rtol=1e-5, err_msg=key)

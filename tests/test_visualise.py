@@ -12,7 +12,7 @@ from reldistill_jax import classes, feature_store, input_pipeline, records, repo
 from reldistill_jax.evaluators import structural_gap
 from reldistill_jax.models import point_encoder
 
-CAPACITY = 8192  # the small buckets' largest capacity
+PATCH = 128
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +24,9 @@ def scan(small_training_data, pipeline):
 @pytest.fixture(scope="module")
 def student(small_training_data):
   buckets = records.ShardedReader(str(small_training_data["buckets"]))
-  model = point_encoder.Model(variant="tiny", out_dim=512, patch_size=128)
-  transform = input_pipeline.Transform(buckets.config, CAPACITY, 0, 1 / 255)
-  example = {
-    k: v[None] for k, v in transform(buckets[0]).items() if k not in input_pipeline.HOST_KEYS
-  }
+  model = point_encoder.Model(variant="tiny", out_dim=512, patch_size=PATCH)
+  transform = input_pipeline.Transform(0, 1 / 255)
+  example = input_pipeline.one_scan_batch(transform(buckets[0]), PATCH)
   return model, model.init(jax.random.key(0), example), transform
 
 
@@ -67,16 +65,12 @@ def test_load_scan_refuses_a_bucket_of_another_scan(small_training_data, pipelin
     visualise.load_scan(source, records.ShardedReader(str(small_training_data["val_buckets"])), 0)
 
 
-def test_point_values_and_fill(scan):
-  per_voxel = np.arange(CAPACITY, dtype=np.float32)
+def test_point_values(scan):
+  per_voxel = np.arange(scan.bucket["num_voxels"], dtype=np.float32)
   values = visualise.point_values(scan, per_voxel)
   np.testing.assert_array_equal(values, scan.point_to_voxel.astype(np.float32))
-  dropped = scan.point_to_voxel.copy()
-  dropped[:5] = -1
-  edited = visualise.Scan(**{**scan.__dict__, "point_to_voxel": dropped})
-  values = visualise.point_values(edited, per_voxel[:, None].repeat(2, 1), fill=-7.0)
-  assert values.shape == (len(dropped), 2)
-  assert (values[:5] == -7.0).all() and (values[5:, 0] == dropped[5:]).all()
+  values = visualise.point_values(scan, per_voxel[:, None].repeat(2, 1))
+  assert values.shape == (len(scan.point_to_voxel), 2)
 
 
 def test_pca_colours_follow_the_principal_axis():
@@ -119,9 +113,9 @@ def test_class_colours():
 
 def test_plot_scan_writes_a_picture(scan, student, tmp_path):
   model, params, transform = student
-  features = visualise.voxel_features(model, params, scan.bucket, transform)
-  assert features.shape == (CAPACITY, 512) and features.dtype == np.float32
-  rgb = visualise.pca_colours(visualise.point_values(scan, features), scan.point_to_voxel >= 0)
+  features = visualise.voxel_features(model, params, scan.bucket, transform, PATCH)
+  assert features.shape == (scan.bucket["num_voxels"], 512) and features.dtype == np.float32
+  rgb = visualise.pca_colours(visualise.point_values(scan, features))
   path = visualise.plot_scan(scan, rgb, tmp_path / "pca.png", cameras=(0, 3))
   assert Image.open(path).size[0] > 1500
   scores = visualise.point_values(scan, visualise.prompt_scores(features, features[0]))
@@ -136,8 +130,8 @@ def test_pair_features_match_the_store(small_training_data, student, tmp_path):
   store = feature_store.FeatureStore(small_training_data["features"])
   joined = input_pipeline.JoinedSource(buckets, store)[0]
   grid = tuple(store.config["grid"])
-  transform = input_pipeline.Transform(buckets.config, CAPACITY, 512, 1 / 255, grid=grid)
-  k, q, labels = visualise.pair_features(model, params, joined, transform)
+  transform = input_pipeline.Transform(512, 1 / 255, grid=grid)
+  k, q, labels = visualise.pair_features(model, params, joined, transform, PATCH)
   m = min(512, len(joined["pairs_voxel"]))
   assert k.shape == (m, 512) and q.shape == (m, 512) and labels.shape == (m,)
   np.testing.assert_allclose(np.linalg.norm(k, axis=1), 1, rtol=1e-5)

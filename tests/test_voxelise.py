@@ -16,9 +16,7 @@ from data_prep.builders import data_source
 from reldistill_jax import errors, input_pipeline, records, serialization
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-PARAMS = dict(
-  num_stages=3, patch_size=256, capacities=(2048, 4096), stage_ratio=0.5, records_per_shard=2
-)
+PARAMS = dict(num_stages=3, records_per_shard=2)
 # SemanticKITTI raw ids the synthetic scans use (car, road, building, vegetation).
 RAW_IDS = np.array([10, 40, 50, 70], np.uint32)
 
@@ -59,8 +57,7 @@ def test_cli_writes_buckets_that_grain_reads(kitti, tmp_path):
   data_dir, scans = kitti
   out = tmp_path / "buckets"
   args = ["--data_dir", data_dir, "--builder", "semantic_kitti", "--split", "val", "--out", out]
-  args += ["--num_stages=3", "--patch_size=256", "--capacities=2048,4096", "--stage_ratio=0.5"]
-  args += ["--records_per_shard=2", "--workers=2"]
+  args += ["--num_stages=3", "--records_per_shard=2", "--workers=2"]
   result = subprocess.run(
     [sys.executable, "-m", "data_prep.voxelise", *map(str, args)],
     cwd=REPO,
@@ -81,9 +78,6 @@ def test_cli_writes_buckets_that_grain_reads(kitti, tmp_path):
       token=token,
       voxel_size=0.1,
       num_stages=3,
-      patch_size=256,
-      capacities=(2048, 4096),
-      stage_ratio=0.5,
     )
     got = reader.get(token)
     assert set(got) == set(expected) | {"has_labels", "image_sizes"}
@@ -92,8 +86,9 @@ def test_cli_writes_buckets_that_grain_reads(kitti, tmp_path):
       np.testing.assert_array_equal(got[key], value, err_msg=key)
       assert np.asarray(got[key]).dtype == np.asarray(value).dtype, key
     assert got["point_labels"].any() and got["pairs_voxel"].shape == (0,)
-  capacities = list(grain.MapDataset.source(reader).map(lambda r: r["s2/mask"].shape[0]))
-  assert capacities == [1024] * 3
+  # The manifest lists every scan's voxels per stage and its pairs: what packing reads.
+  counts = list(grain.MapDataset.source(reader).map(lambda r: [*r["counts"], 0]))
+  np.testing.assert_array_equal(reader.sizes, counts)
 
 
 def test_rerun_resumes_and_refuses_another_config(kitti, tmp_path):
@@ -150,7 +145,7 @@ def test_real_nuscenes_keyframe_keeps_its_pairs(realdata, tmp_path, caplog):
     caplog.text
   )
   store = records.ShardedReader(tmp_path / "buckets")
-  assert store.stats == {"labelled_scans": 0, "dropped_voxels": 0}
+  assert store.stats == {"labelled_scans": 0}
   # Fine-tuning and evaluation refuse it; pretraining does not ask.
   for use, every in (("fine-tuning", False), ("evaluation", True)):
     with pytest.raises(errors.DataError, match=f"0 of 1 scans have labels, and {use} needs"):
@@ -159,9 +154,10 @@ def test_real_nuscenes_keyframe_keeps_its_pairs(realdata, tmp_path, caplog):
   bucket = records.ShardedReader(tmp_path / "buckets", expected_config=config)[0]
   assert bucket["token"] == scan["token"].decode()
   p2v = bucket["point_to_voxel"]
-  assert len(scan["pairs_point"]) > 10_000 and bucket["num_dropped_voxels"] == 0
+  assert len(scan["pairs_point"]) > 10_000
   np.testing.assert_array_equal(bucket["pairs_voxel"], p2v[scan["pairs_point"]])
   np.testing.assert_array_equal(bucket["pairs_camera"], scan["pairs_camera"])
   np.testing.assert_array_equal(bucket["pairs_uv"], scan["pairs_uv"])
   np.testing.assert_array_equal(bucket["point_labels"], scan["labels"])
-  assert bucket["features"].shape == (bucket["capacity"], 5)
+  assert bucket["features"].shape == (bucket["num_voxels"], 5)
+  assert store.sizes.tolist() == [[*bucket["counts"], len(scan["pairs_point"])]]

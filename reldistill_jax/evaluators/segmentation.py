@@ -3,8 +3,8 @@
 PROTOCOLS.md section 5: predictions are scored on every original point of the
 split, the counts of all scans go into one confusion matrix, and mIoU is
 computed once from it. Training id 0 is `ignore`: points labelled 0 are left
-out. A prediction of 0 (a point without a prediction, e.g. one whose voxel was
-dropped) is a wrong answer for the point's class.
+out. A prediction of 0 (a point without a prediction) is a wrong answer for the
+point's class.
 
 The matrix is indexed by training id, `confusion[label, pred]`, and has shape
 (C + 1, C + 1): column 0 counts the labelled points that got no prediction

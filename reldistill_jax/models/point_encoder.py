@@ -1,4 +1,4 @@
-"""The 3D student: a serialised patch-attention U-Net on fixed-shape buckets.
+"""The 3D student: a serialised patch-attention U-Net on packed batches.
 
 In the spirit of Point Transformer V3, written for static shapes: everything
 that depends on geometry (curve orders, inverses, pooling parents, 3x3x3
@@ -13,12 +13,14 @@ Per block: x += CPE(x); x += Attn(LN(x)); x += MLP(LN(x)), where
     bias, so the positional stage must be a real local operator; a sparse
     convolution over true grid neighbours is exact, cheap to gather and has no
     dependence on which curve cut the patches;
-  * Attn gathers the voxels by the block's curve order, cuts them into
-    (patches, K) groups, runs masked multi-head attention with
+  * Attn projects the tokens to queries, keys and values, gathers them by the
+    block's curve order into the pack's aligned view (`packing.py`: every
+    scan starts on a patch boundary, so its patches of K are those it has
+    alone), runs multi-head attention on the (patches, K) groups with
     `jax.nn.dot_product_attention`, and scatters back by the inverse. Curves
-    alternate between blocks so information crosses patch borders. Padding
-    sorts last in every order, so the valid keys of a patch are a prefix: the
-    mask is `key_value_seq_lengths`, the form the cuDNN flash kernel accepts.
+    alternate between blocks so information crosses patch borders. The valid
+    keys of a patch are a prefix: the mask is `key_value_seq_lengths`, the
+    form the cuDNN flash kernel accepts.
 
 Stages are joined by grid pooling (linear, segment max over the children of
 each parent voxel, LayerNorm, GELU) and unpooling with skips (U-Net). A
@@ -26,12 +28,14 @@ projection head maps to the teacher's dimension; outputs are L2-normalised.
 LayerNorm is used throughout: it has no batch statistics, so padding never
 leaks into valid voxels and a frozen encoder is frozen entirely.
 
-The output of a valid voxel does not depend on how much padding its bucket has.
+The output of a voxel depends only on its own scan: not on the padding of its
+pack, nor on the other scans in it, nor on its place among them.
 
-Batch keys read by `Model.__call__` (B leading, names of `serialization.py`):
-`features` (B, C0, F), and per stage s `s{s}/mask` (B, Cs), `s{s}/order` and
-`s{s}/inverse` (B, R, Cs), `s{s}/neighbors` (B, Cs, 27), `s{s}/parent`
-(B, Cs) for s < stages - 1.
+Batch keys read by `Model.__call__` (B packs leading, T_s the stage-s token
+budget, A_s its aligned attention view; `input_pipeline.py`): `features`
+(B, T0, F), and per stage s `s{s}/mask` (B, T_s), `s{s}/order` (B, R, A_s),
+`s{s}/inverse` (B, R, T_s), `s{s}/lengths` (B, A_s / K), `s{s}/neighbors`
+(B, T_s, 27), `s{s}/parent` (B, T_s) for s < stages - 1.
 """
 
 import dataclasses
@@ -42,6 +46,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from reldistill_jax.models import layers
 
 # name -> (encoder channels, encoder depths, decoder channels, decoder depths).
 VARIANTS = {
@@ -57,33 +63,12 @@ def _gather_rows(x: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def _with_zero_row(x: jax.Array) -> jax.Array:
-  """Appends a zero slot so the SENTINEL index (= capacity) gathers zeros."""
+  """Appends a zero token so the SENTINEL index (= the token budget) gathers zeros."""
   return jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
 
 
-class SparseConv3d(nn.Module):
-  """3x3x3 submanifold convolution over a precomputed neighbour map."""
-
-  features: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, neighbors: jax.Array) -> jax.Array:
-    # x: (B, C, cin); neighbors: (B, C, 27) slots, C for absent neighbours.
-    kernel = self.param(
-      "kernel",
-      nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1)),
-      (27, x.shape[-1], self.features),
-      jnp.float32,
-    )
-    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    patches = _gather_rows(_with_zero_row(x.astype(self.dtype)), neighbors)  # (B, C, 27, cin)
-    y = jnp.einsum("bnkc,kcd->bnd", patches, kernel.astype(self.dtype))
-    return y + bias.astype(self.dtype)
-
-
 class PatchAttention(nn.Module):
-  """Multi-head attention inside serialised patches of K voxels."""
+  """Multi-head attention inside serialised patches of K voxels of one scan."""
 
   channels: int
   heads: int
@@ -92,27 +77,69 @@ class PatchAttention(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x: jax.Array, order: jax.Array, inverse: jax.Array, num_valid: jax.Array
+    self, x: jax.Array, order: jax.Array, inverse: jax.Array, lengths: jax.Array
   ) -> jax.Array:
-    # x: (B, C, ch); order, inverse: (B, C); num_valid: (B,).
-    b, c, ch = x.shape
+    # x: (B, T, ch) compact tokens; order: (B, A) token of each slot of the aligned view
+    # (T for a gap); inverse: (B, T) view slot of each token; lengths: (B, A // K).
+    b, _, ch = x.shape
     k = self.patch_size
-    p = c // k
+    p = order.shape[1] // k
     head_dim = ch // self.heads
-    xs = _gather_rows(x, order)  # (B, C, ch), valid voxels first
-    qkv = nn.Dense(3 * ch, dtype=self.dtype, name="qkv")(xs)
-    qkv = qkv.reshape(b * p, k, 3, self.heads, head_dim)
-    # Valid keys of patch i are its first clip(V - i K, 0, K) slots.
-    lengths = jnp.clip(num_valid[:, None] - jnp.arange(p)[None, :] * k, 0, k).astype(jnp.int32)
-    out = jax.nn.dot_product_attention(
-      qkv[:, :, 0],
-      qkv[:, :, 1],
-      qkv[:, :, 2],
-      key_value_seq_lengths=lengths.reshape(b * p),
-      implementation=_attention_implementation(self.dtype),
-    )  # (B * P, K, heads, head_dim)
-    out = nn.Dense(ch, dtype=self.dtype, name="proj")(out.reshape(b, c, ch))
-    return _gather_rows(out, inverse)
+    # The projections run on the compact tokens; only the products see the aligned view.
+    qkv = nn.Dense(3 * ch, dtype=self.dtype, name="qkv")(x)
+    rows = _with_zero_row(qkv).reshape(-1, 3, self.heads, head_dim)  # (B * (T + 1), ...)
+    tokens = qkv.shape[1] + 1
+    view = (order + jnp.arange(b)[:, None] * tokens).reshape(b * p, k)  # rows of every patch
+    out = _attention(rows, view, lengths.reshape(b * p), _attention_implementation(self.dtype))
+    out = _gather_rows(out.reshape(b, p * k, ch), inverse)  # (B, T, ch)
+    return nn.Dense(ch, dtype=self.dtype, name="proj")(out)
+
+
+# Bytes of (K, K) scores per chunk of patches that XLA's attention holds at once.
+ATTENTION_CHUNK_BYTES = 2**28
+
+
+def _attention(
+  rows: jax.Array, view: jax.Array, lengths: jax.Array, implementation: str | None
+) -> jax.Array:
+  """Attention inside patches whose tokens are gathered from `rows`.
+
+  Args:
+    rows: (R, 3, heads, head_dim) q, k, v of every token (and zero rows).
+    view: (N, K) the row of every token of every patch.
+    lengths: (N,) valid keys of every patch (a prefix).
+    implementation: `jax.nn.dot_product_attention`'s.
+
+  Returns:
+    (N, K, heads, head_dim).
+
+  cuDNN's flash kernel keeps no (K, K) scores and runs on all N patches at
+  once. XLA's attention (the CPU's and the TPU's, and any float32 one)
+  materialises the (N, heads, K, K) scores and would keep them, and the gathered
+  q, k, v, for the backward pass, which then dominate the step's memory: it
+  runs over chunks of patches in a loop whose body gathers its own q, k, v and
+  is rematerialised, so one chunk's scores (about `ATTENTION_CHUNK_BYTES`) are
+  alive at a time, at the cost of one more attention forward in the backward
+  pass.
+  """
+
+  def attend(view, lengths):
+    qkv = rows[view]  # (n, K, 3, heads, head_dim)
+    return jax.nn.dot_product_attention(
+      qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_value_seq_lengths=lengths,
+      implementation=implementation,
+    )  # fmt: skip
+
+  if implementation == "cudnn":
+    return attend(view, lengths)
+  n, k = view.shape
+  heads = rows.shape[2]
+  chunk = int(max(1, min(n, ATTENTION_CHUNK_BYTES // (heads * k * k * 16))))  # patches
+  pad = -n % chunk  # fully masked patches (length 0): zero outputs, no NaN
+  view = jnp.pad(view, ((0, pad), (0, 0))).reshape(-1, chunk, k)
+  lengths = jnp.pad(lengths, (0, pad)).reshape(-1, chunk)
+  out = jax.lax.map(jax.checkpoint(lambda args: attend(*args)), (view, lengths))
+  return out.reshape(-1, *out.shape[2:])[:n]
 
 
 def _attention_implementation(dtype) -> str | None:
@@ -132,28 +159,28 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, neighbors, order, inverse, num_valid):
+  def __call__(self, x, neighbors, order, inverse, lengths):
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)
-    norm = lambda name: nn.LayerNorm(dtype=self.dtype, name=name)
-    cpe = SparseConv3d(self.channels, dtype=self.dtype, name="cpe_conv")(x, neighbors)
+    norm = lambda name: layers.LayerNorm(dtype=self.dtype, name=name)
+    cpe = layers.SparseConv3d(self.channels, dtype=self.dtype, name="cpe_conv")(x, neighbors)
     x = x + norm("cpe_norm")(dense(self.channels, "cpe_linear")(cpe))
     x = x + PatchAttention(self.channels, self.heads, self.patch_size, self.dtype, name="attn")(
-      norm("norm1")(x), order, inverse, num_valid
+      norm("norm1")(x), order, inverse, lengths
     )
     h = dense(self.channels * self.mlp_ratio, "mlp_in")(norm("norm2")(x))
-    return x + dense(self.channels, "mlp_out")(nn.gelu(h))
+    return x + dense(self.channels, "mlp_out")(layers.gelu(h))
 
 
-def _pool(x: jax.Array, parent: jax.Array, capacity: int) -> jax.Array:
-  """Segment max of children into parents: (B, Cs, ch) -> (B, capacity, ch)."""
+def _pool(x: jax.Array, parent: jax.Array, tokens: int) -> jax.Array:
+  """Segment max of children into parents: (B, T_s, ch) -> (B, tokens, ch)."""
   b = x.shape[0]
-  # Each batch row gets capacity + 1 segments; the last one takes the
-  # SENTINEL (padded children) and is dropped.
-  segments = parent + jnp.arange(b)[:, None] * (capacity + 1)
+  # Each pack gets tokens + 1 segments; the last one takes the SENTINEL
+  # (padding) and is dropped.
+  segments = parent + jnp.arange(b)[:, None] * (tokens + 1)
   pooled = jax.ops.segment_max(
-    x.reshape(-1, x.shape[-1]), segments.reshape(-1), num_segments=b * (capacity + 1)
+    x.reshape(-1, x.shape[-1]), segments.reshape(-1), num_segments=b * (tokens + 1)
   )
-  return pooled.reshape(b, capacity + 1, -1)[:, :capacity]
+  return pooled.reshape(b, tokens + 1, -1)[:, :tokens]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +215,24 @@ class Model(nn.Module):
   dec_depths: Sequence[int] = ()
   dtype: Any = jnp.float32
 
+  def num_stages(self) -> int:
+    """The encoder stages, so the pipeline packs only the stages the model reads."""
+    return len(self._sizes()[0])
+
+  def token_costs(self) -> list[float]:
+    """Relative matmul FLOPs of a token of every stage's compact stream (the blocks'
+    layers, 80 c^2 for CPE, qkv, projections and MLP), then of a slot of its aligned
+    attention view (4 K c): what `packing.fit_budgets` trades padding against."""
+    encoder, decoder = self._sizes()
+    layers, attention = [], []
+    for s, stage in enumerate(encoder):
+      blocks = [(stage.channels, stage.depth)] + (
+        [(decoder[s].channels, decoder[s].depth)] if s < len(decoder) else []
+      )
+      layers.append(sum(80.0 * c * c * d for c, d in blocks))
+      attention.append(sum(4.0 * self.patch_size * c * d for c, d in blocks))
+    return layers + attention
+
   def _sizes(self) -> tuple[list[_Stage], list[_Stage]]:
     if self.variant is not None:
       if self.variant not in VARIANTS:
@@ -210,8 +255,8 @@ class Model(nn.Module):
       batch: the bucket arrays listed in the module docstring.
 
     Returns:
-      (features, aux): features (B, C0, out_dim) L2-normalised, zero on
-      padding; aux {"backbone": (B, C0, dec_channels[0]) decoder output before
+      (features, aux): features (B, T0, out_dim) L2-normalised, zero on
+      padding; aux {"backbone": (B, T0, dec_channels[0]) decoder output before
       the head (for fine-tuning heads), "stage{s}": encoder output of stage s}.
     """
     encoder, decoder = self._sizes()
@@ -220,8 +265,7 @@ class Model(nn.Module):
     if missing:
       raise ValueError(f"the model has {num_stages} stages; the batch lacks {missing}")
     masks = [batch[f"s{s}/mask"] for s in range(num_stages)]
-    num_valid = [m.sum(-1).astype(jnp.int32) for m in masks]
-    norm = lambda name: nn.LayerNorm(dtype=self.dtype, name=name)
+    norm = lambda name: layers.LayerNorm(dtype=self.dtype, name=name)
     block_index = 0
 
     def run_blocks(x, s, stage, prefix):
@@ -237,13 +281,15 @@ class Model(nn.Module):
           batch[f"s{s}/neighbors"],
           batch[f"s{s}/order"][:, curve],
           batch[f"s{s}/inverse"][:, curve],
-          num_valid[s],
+          batch[f"s{s}/lengths"],
         )
       return jnp.where(masks[s][..., None], x, 0)
 
     x = batch["features"].astype(self.dtype)
-    x = SparseConv3d(encoder[0].channels, dtype=self.dtype, name="stem")(x, batch["s0/neighbors"])
-    x = nn.gelu(norm("stem_norm")(x))
+    x = layers.SparseConv3d(encoder[0].channels, dtype=self.dtype, name="stem")(
+      x, batch["s0/neighbors"]
+    )
+    x = layers.gelu(norm("stem_norm")(x))
     aux = {}
     skips = []
     for s, stage in enumerate(encoder):
@@ -253,7 +299,7 @@ class Model(nn.Module):
         x = jnp.where(
           masks[s][..., None], _pool(x, batch[f"s{s - 1}/parent"], masks[s].shape[1]), 0
         )
-        x = nn.gelu(norm(f"pool{s}_norm")(x))
+        x = layers.gelu(norm(f"pool{s}_norm")(x))
       x = run_blocks(x, s, stage, f"enc{s}")
       skips.append(x)
       aux[f"stage{s}"] = x
@@ -262,13 +308,22 @@ class Model(nn.Module):
       up = _gather_rows(_with_zero_row(x), batch[f"s{s}/parent"])  # parent features per child
       x = nn.Dense(stage.channels, dtype=self.dtype, name=f"unpool{s}_proj")(up)
       x = x + nn.Dense(stage.channels, dtype=self.dtype, name=f"unpool{s}_skip")(skips[s])
-      x = nn.gelu(norm(f"unpool{s}_norm")(x))
+      x = layers.gelu(norm(f"unpool{s}_norm")(x))
       x = run_blocks(x, s, stage, f"dec{s}")
     aux["backbone"] = x
     y = nn.Dense(self.out_dim, dtype=self.dtype, name="head")(norm("head_norm")(x))
-    y = y.astype(jnp.float32)
-    y = y * jax.lax.rsqrt(jnp.maximum(jnp.sum(y * y, -1, keepdims=True), 1e-12))
-    return jnp.where(masks[0][..., None], y, 0), aux
+    return layers.l2_normalize(y, masks[0]), aux
+
+
+def from_config(model_config, dtype) -> Model:
+  """The model of a config's `model` block."""
+  return Model(
+    variant=model_config.variant,
+    out_dim=model_config.out_dim,
+    patch_size=model_config.patch_size,
+    num_curves=model_config.num_curves,
+    dtype=dtype,
+  )
 
 
 def param_shapes(variant: str, out_dim: int = 512):
@@ -279,6 +334,7 @@ def param_shapes(variant: str, out_dim: int = 512):
   for s in range(stages):
     batch |= {
       f"s{s}/mask": jax.ShapeDtypeStruct((1, 8), jnp.bool_),
+      f"s{s}/lengths": jax.ShapeDtypeStruct((1, 1), jnp.int32),
       f"s{s}/order": jax.ShapeDtypeStruct((1, 4, 8), jnp.int32),
       f"s{s}/inverse": jax.ShapeDtypeStruct((1, 4, 8), jnp.int32),
       f"s{s}/neighbors": jax.ShapeDtypeStruct((1, 8, 27), jnp.int32),
