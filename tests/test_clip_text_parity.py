@@ -64,10 +64,13 @@ def _tiny_clip(folder: pathlib.Path, eos_token_id: int, hidden_act: str, seed: i
 
 
 def _hf_features(model, folder: pathlib.Path, texts) -> np.ndarray:
+  """transformers' text features of the texts after OpenAI's cleanup (ftfy, HTML), which its
+  CLIPTokenizer does not apply (tests/test_clip_tokenizer_parity.py)."""
   tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder))
   inputs = tokenizer(
-    texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-  )
+    [clip_text.clean_text(t) for t in texts], padding="max_length", max_length=77,
+    truncation=True, return_tensors="pt",
+  )  # fmt: skip
   with torch.no_grad():
     out = model.get_text_features(**inputs)
   return out.pooler_output.numpy()
