@@ -4,6 +4,9 @@ r"""Runs a frozen 2D teacher once over every camera image of a split.
       --data_dir DATA --builder nuscenes_lidarseg/v1.0-trainval --split train \
       --out OUT [--image_size 224x416] [--batch_size 24]
 
+(--image_size must be a multiple of the teacher's patch: 224x416 for the /16
+teachers, 224x420 for DINOv2's /14; without it, the teacher's own size.)
+
 Reads the JPEGs of the TFDS split DATA/<builder> (written by
 `data_prep.build`), resizes each camera image directly from its native size
 to --image_size (default: the teacher's), encodes batches with the teacher
@@ -40,7 +43,7 @@ from reldistill_jax import classes, cli, errors, feature_store, records, teacher
 
 def define_flags() -> None:
   """The CLI's flags (defined only when run as a program)."""
-  flags.DEFINE_string("teacher", None, "Teacher name (see reldistill_jax.teachers).")
+  flags.DEFINE_string("teacher", None, f"Teacher: one of {', '.join(teachers.TEACHERS)}.")
   flags.DEFINE_string("weights", None, "Checkpoint folder/file (synthetic: the world's dataroot).")
   flags.DEFINE_string("data_dir", None, "Folder of built TFDS datasets.")
   flags.DEFINE_string("builder", None, "Builder name/config, e.g. nuscenes_lidarseg/v1.0-mini.")

@@ -55,10 +55,13 @@ def store_config(
 ) -> dict[str, Any]:
   """The manifest config of a store written by `teacher` (see module docstring)."""
   height, width = image_size
-  if height % teacher.patch_size or width % teacher.patch_size:
+  patch = teacher.patch_size
+  if height % patch or width % patch:
+    near = "x".join(str(max(patch, round(n / patch) * patch)) for n in image_size)
+    default = "x".join(map(str, teacher.default_image_size))
     raise errors.ConfigError(
-      f"image size {height}x{width} is not a multiple of {teacher.name}'s patch size "
-      f"{teacher.patch_size}"
+      f"image size {height}x{width} is not a multiple of {teacher.name}'s patch size {patch}; "
+      f"use {near} (the teacher's default, used without --image_size, is {default})"
     )
   return {
     "store_version": STORE_VERSION,

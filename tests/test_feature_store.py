@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -127,8 +129,16 @@ def test_store_refusals(store, pipeline, teacher):
       teacher, source, str(store), SYNTHETIC_BUILDER, "train", (224, 448), 24, 3
     )
   assert sorted(p.name for p in store.iterdir()) == before
-  with pytest.raises(ValueError, match="not a multiple of synthetic's patch size 16"):
+  with pytest.raises(ValueError, match="not a multiple of synthetic's patch size 16; use 224x416"):
     feature_store.store_config(teacher, (224, 410), SYNTHETIC_BUILDER, "train", 4, 3)
+
+
+def test_teacher_flag_help_lists_the_teachers():
+  done = subprocess.run(
+    [sys.executable, "-m", "data_prep.teacher_features", "--help"], capture_output=True, text=True
+  )
+  assert done.returncode in (0, 1) and "Traceback" not in done.stderr  # absl exits 1 on --help
+  assert all(name in done.stdout for name in teachers.TEACHERS), done.stdout[-2000:]
 
 
 def test_store_with_wrong_record_shape_is_refused(tmp_path, teacher):
