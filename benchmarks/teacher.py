@@ -1,16 +1,19 @@
 """Teacher throughput (images/s) and feature-store size per sample.
 
   python benchmarks/teacher.py --out teacher.json [--teachers clip_b16,dinov2_b14] [--batch 12]
+      [--dense maskclip,naclip]
 
 Times the dense-feature forward pass of the named image towers
 (`reldistill_jax.models.vit.VARIANTS`; speed does not depend on the weights,
 so random ones are used) at the field's image sizes (224x416 for /16,
-224x420 for /14), jitted, median of `--repeats` runs after a warm-up, on the
+224x420 for /14), with each `--dense` rule for the image-text towers (CLIP,
+SigLIP 2; the others use their own), jitted, median of `--repeats` runs after a warm-up, on the
 default backend. Also reports the fp16 store bytes per sample (six cameras)
 of each grid. Writes JSON and prints a markdown table. `--smoke` runs a tiny
 tower (a test uses it).
 """
 
+import dataclasses
 import datetime
 import json
 import sys
@@ -29,6 +32,9 @@ _TEACHERS = flags.DEFINE_list("teachers", ["clip_b16", "dinov2_b14"], "vit.VARIA
 _BATCH = flags.DEFINE_integer("batch", 12, "Images per call.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_DENSE = flags.DEFINE_list(
+  "dense", [], "Dense rules for the image-text towers (default: each tower's own)."
+)
 _SMOKE = flags.DEFINE_bool("smoke", False, "A tiny tower, one repetition.")
 
 
@@ -50,6 +56,7 @@ def measure(
   grid = out.shape[1:3]
   return {
     "teacher": name,
+    "dense": config.dense_output,
     "image_size": list(size),
     "grid": list(grid),
     "feature_dim": int(out.shape[-1]),
@@ -71,7 +78,9 @@ def main(argv):
     for name in _TEACHERS.value:
       config = vit.VARIANTS[name]
       size = (224, 416) if config.patch_size == 16 else (224, 420)
-      jobs.append((name, config, size))
+      rules = (_DENSE.value or [config.dense_output]) if config.text_aligned else []
+      for dense in rules or [config.dense_output]:
+        jobs.append((name, dataclasses.replace(config, dense_output=dense), size))
     batch, repeats = _BATCH.value, _REPEATS.value
   results = [measure(n, c, s, batch, repeats, jnp.dtype(_DTYPE.value)) for n, c, s in jobs]
   device = jax.devices()[0]
@@ -86,11 +95,11 @@ def main(argv):
   }
   with open(_OUT.value, "w") as f:
     json.dump(report, f, indent=2)
-  print("| teacher | image | grid x D | batch | images/s | store MB/sample (fp16) |")
-  print("|---|---|---|---|---|---|")
+  print("| teacher | dense | image | grid x D | batch | images/s | store MB/sample (fp16) |")
+  print("|---|---|---|---|---|---|---|")
   for r in results:
     print(
-      f"| {r['teacher']} | {r['image_size'][0]}x{r['image_size'][1]} | "
+      f"| {r['teacher']} | {r['dense']} | {r['image_size'][0]}x{r['image_size'][1]} | "
       f"{r['grid'][0]}x{r['grid'][1]}x{r['feature_dim']} | {r['batch']} | "
       f"{r['images_per_second']:.2f} | {r['store_bytes_per_sample_fp16'] / 1e6:.2f} |"
     )

@@ -6,9 +6,11 @@ r"""Pretraining: distil a frozen 2D teacher into the 3D student.
     --config.input.features=/data/features/clip_vitb16/train_parametrize \
     --workdir /runs/relational_clip
 
-Arguments: loss=relational|contrastive|similarity, teacher=clip_vitb16|
-dinov2_vitb14|synthetic (sets the feature dimension), dataset=nuscenes|
-synthetic, model=ptv3_base|ptv3_small|minkunet34c|minkunet18a|minkunet14a
+Arguments: loss=relational|contrastive|similarity, teacher= a named size of
+`reldistill_jax.teachers` (clip_vitb16, siglip2_b16, dinov2_vitb14,
+dinov3_vitb16, ...) or synthetic (sets the feature dimension), dense= the
+store's dense rule (default the teacher's: maskclip for CLIP and SigLIP 2;
+sclip, clearclip, naclip), dataset=nuscenes|synthetic, model=ptv3_base|ptv3_small|minkunet34c|minkunet18a|minkunet14a
 (the student, `configs/common.py`), recipe=scalr|slidr (default: the
 student's own: AdamW for ptv3, SLidR's SGD for MinkUNet), and `runlocal` (a
 small model and a few steps: minutes on a CPU).
@@ -19,8 +21,7 @@ The buckets and the feature store are made by `data_prep.voxelise` and
 import ml_collections
 
 from configs import common
-
-TEACHER_DIM = {"clip_vitb16": 512, "dinov2_vitb14": 768, "synthetic": 512}
+from reldistill_jax import teachers
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -29,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     {
       "loss": "relational",
       "teacher": "clip_vitb16",
+      "dense": "",
       "dataset": "nuscenes",
       "model": "ptv3_base",
       "recipe": "",
@@ -36,8 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   if args["loss"] not in ("relational", "contrastive", "similarity"):
     raise ValueError(f"loss={args['loss']}: choose relational, contrastive or similarity")
-  if args["teacher"] not in TEACHER_DIM:
-    raise ValueError(f"teacher={args['teacher']}: choose from {sorted(TEACHER_DIM)}")
+  named = sorted(t for t in teachers.TEACHERS if t not in teachers.FAMILIES)
+  if args["teacher"] not in named:
+    raise ValueError(f"teacher={args['teacher']}: choose from {named}")
   if args["dataset"] not in ("nuscenes", "synthetic"):
     raise ValueError(f"dataset={args['dataset']}: choose nuscenes or synthetic")
 
@@ -46,6 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
   # The feature store must have been written by this teacher (its manifest is checked).
   config.teacher = args["teacher"]
+  config.dense = args["dense"] or teachers.default_dense(args["teacher"])
+  teachers.check_dense(args["teacher"], config.dense)
 
   # Input.
   config.input = ml_collections.ConfigDict()
@@ -67,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.prefetch = 8  # batches; grain wants at least num_threads
 
   # Model (configs/common.py MODELS).
-  recipe = common.set_model(config, args, TEACHER_DIM[args["teacher"]])
+  recipe = common.set_model(config, args, teachers.feature_dim(args["teacher"]))
 
   # Loss.
   config.loss = ml_collections.ConfigDict()

@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.kind = "zeroshot"
   config.dataset = args["dataset"]
-  config.checkpoint = common.optional_str()  # the pretraining run's checkpoints folder
+  config.checkpoint = common.optional_str()  # a pretraining run: workdir, checkpoints/ or a step
 
   # Input.
   config.input = ml_collections.ConfigDict()

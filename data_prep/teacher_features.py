@@ -2,19 +2,21 @@ r"""Runs a frozen 2D teacher once over every camera image of a split.
 
   python -m data_prep.teacher_features --teacher clip_vitb16 --weights CKPT \
       --data_dir DATA --builder nuscenes_lidarseg/v1.0-trainval --split train \
-      --out OUT [--image_size 224x416] [--batch_size 24]
+      --out OUT [--dense naclip] [--image_size 224x416] [--batch_size 24]
 
 (--image_size must be a multiple of the teacher's patch: 224x416 for the /16
-teachers, 224x420 for DINOv2's /14; without it, the teacher's own size.)
+teachers, 224x420 for the /14 ones (DINOv2, SigLIP 2 so400m14); without it, the teacher's own size.)
 
 Reads the JPEGs of the TFDS split DATA/<builder> (written by
 `data_prep.build`), resizes each camera image directly from its native size
 to --image_size (default: the teacher's), encodes batches with the teacher
-(jitted; on the GPU when there is one) and writes fp16 patch-grid maps, one
+(jitted; on the GPU when there is one) with its dense rule (--dense: for
+CLIP and SigLIP 2 maskclip, the default, sclip, clearclip or naclip; README
+"Teachers") and writes fp16 patch-grid maps, one
 record per sample holding its six cameras (`reldistill_jax.feature_store`):
 
   OUT/features-SSSSS-of-NNNNN.array_record
-  OUT/manifest.json    teacher, weights sha256, image size, grid, feature
+  OUT/manifest.json    teacher, dense rule, weights sha256, image size, grid, feature
                        dim, normalisation, dtype, builder, split; index
 
   python -m data_prep.teacher_features --out OUT --verify
@@ -49,6 +51,11 @@ def define_flags() -> None:
   flags.DEFINE_string("builder", None, "Builder name/config, e.g. nuscenes_lidarseg/v1.0-mini.")
   flags.DEFINE_string("split", None, "Split to encode.")
   flags.DEFINE_string("out", None, "Output folder of the feature store.", required=True)
+  flags.DEFINE_string(
+    "dense",
+    None,
+    "Dense rule of a CLIP / SigLIP 2 teacher: maskclip (default), sclip, clearclip or naclip.",
+  )
   flags.DEFINE_string("image_size", None, "HxW to encode, e.g. 224x416 (default: the teacher's).")
   flags.DEFINE_integer("batch_size", 24, "Images per teacher call.")
   flags.DEFINE_integer("records_per_shard", 64, "Samples per output shard.")
@@ -172,7 +179,8 @@ def main(argv: Sequence[str]) -> None:
     size = parse_size(f.image_size) if f.image_size else None
   except ValueError as e:
     raise app.UsageError(f"--image_size: {e}") from None
-  teacher = teachers.load(f.teacher, f.weights)
+  builders.check_builder(f.data_dir, f.builder)  # before the weights load
+  teacher = teachers.load(f.teacher, f.weights, f.dense)
   source = builders.data_source(f.data_dir, f.builder, f.split)
   manifest = write_store(
     teacher, source, f.out, f.builder, f.split, size, f.batch_size, f.records_per_shard

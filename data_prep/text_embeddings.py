@@ -21,12 +21,17 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
-from reldistill_jax import cli, prompts, teachers
+from reldistill_jax import cli, errors, prompts, teachers
 
 
 def define_flags() -> None:
   """The CLI's flags (defined only when run as a program)."""
-  flags.DEFINE_string("teacher", None, "Teacher name (see reldistill_jax.teachers).", required=True)
+  flags.DEFINE_string(
+    "teacher",
+    None,
+    f"Teacher with a text tower: one of {', '.join(teachers.TEXT_TEACHERS)}.",
+    required=True,
+  )
   flags.DEFINE_string("weights", None, "Checkpoint folder/file (synthetic: the world's dataroot).")
   flags.DEFINE_enum("classes", "nuscenes", sorted(prompts.CLASS_NAMES), "Class names to encode.")
   flags.DEFINE_string("out", None, "Output .npz file.", required=True)
@@ -66,6 +71,10 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   f = flags.FLAGS
+  if f.teacher not in teachers.TEXT_TEACHERS:
+    raise errors.ConfigError(
+      f"--teacher {f.teacher} has no text tower; choose one of {', '.join(teachers.TEXT_TEACHERS)}"
+    )
   path = write_text_embeddings(teachers.load(f.teacher, f.weights), f.classes, f.out)
   print(f"{path}: {len(prompts.CLASS_NAMES[f.classes])} classes")
 

@@ -110,7 +110,7 @@ def run_zeroshot(
   )
   input_pipeline.require_labels(val, "zero-shot evaluation", every=True)
   text = load_text_embeddings(config.text_embeddings)
-  params = runtime.load_params(config.checkpoint)
+  params = runtime.load_params(config.checkpoint, field="config.checkpoint")
   _check_params(config, params, val, config.checkpoint)
   runtime.record_config(config, workdir, override_config)
   mesh = runtime.make_mesh(config)

@@ -9,7 +9,9 @@ Written once by `python -m data_prep.teacher_features` into a record store
              resized directly (anisotropically) from their native size to
              `image_size`.
 
-The manifest's config names the teacher, the sha256 of its weights, the image
+The manifest's config names the teacher and its dense rule (`dense`: e.g.
+maskclip or naclip for CLIP; a run refuses a store of another rule), the
+sha256 of its weights, the image
 size, the grid, the feature dimension, the pixel normalisation, the dtype, and
 the builder split it covers. The training step samples a map bilinearly at the
 pair pixels.
@@ -66,6 +68,7 @@ def store_config(
   return {
     "store_version": STORE_VERSION,
     "teacher": teacher.name,
+    "dense": teacher.dense,
     "weights_sha256": teacher.weights_sha256,
     "image_size": [height, width],
     "grid": [height // teacher.patch_size, width // teacher.patch_size],

@@ -257,7 +257,8 @@ def load_encoder(checkpoints: str | pathlib.Path, abstract_encoder, sharding):
   flat = lambda tree: {
     jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
   }
-  loaded, wanted = flat(runtime.load_params(checkpoints)), flat(abstract_encoder)
+  loaded = flat(runtime.load_params(checkpoints, field="config.checkpoint.init_from"))
+  wanted = flat(abstract_encoder)
   differ = sorted(set(loaded) ^ set(wanted))
   differ += [k for k in wanted if k in loaded and tuple(loaded[k].shape) != wanted[k].shape]
   if differ:
@@ -347,6 +348,7 @@ def finetune_and_evaluate(
   mesh = runtime.make_mesh(config)
   data_sharding = NamedSharding(mesh, P("data"))
   iterator, buckets, val_buckets = open_data(config, data_sharding)
+  runtime.check_restore_paths(config, workdir)
   runtime.record_config(config, workdir, override_config)  # only once the inputs are known good
   num_steps = _steps(config, len(buckets))
 

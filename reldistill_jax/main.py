@@ -12,11 +12,12 @@ the config a run was started with (config.json); a restart with a config that
 changes the result is refused unless `--override_config`.
 
 Reads what the config names: bucket stores (`input.buckets`,
-`input.val_buckets`), a teacher feature store (`input.features`), checkpoint
-folders (`checkpoint.init_from`, `checkpoint.resume`, `checkpoint`), text
-embeddings, finished runs (`runs`); the default reads nothing and makes its own
-data. Writes under --workdir: `checkpoints/` (orbax), `tensorboard/`,
-`metrics.json`, `report.md` and `plots/` (which of them: README, Configs).
+`input.val_buckets`), a teacher feature store (`input.features`), checkpoints
+(`checkpoint.init_from`, `checkpoint.resume`, `checkpoint`: a run's workdir, its
+checkpoints/ folder or one checkpoints/<step> folder), text embeddings, finished
+runs (`runs`); the default reads nothing and makes its own data. Writes under
+--workdir: `checkpoints/` (orbax), `tensorboard/`, `metrics.json`, `report.md`
+and `plots/` (which of them: README, Configs).
 
 Several processes (hosts, or GPUs of one host), each running this command:
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`, or

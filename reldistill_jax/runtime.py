@@ -15,6 +15,9 @@ evaluations (`evaluation_runs.py`, `pipeline.py`) load models through them.
   record_config                  the workdir's config.json, and the restart check
   checkpoint_manager, save_checkpoint, restore_checkpoint, load_params
                                  orbax checkpoints of the state and the grain iterator
+  find_checkpoint, check_restore_paths
+                                 the checkpoint a path names (a workdir, its
+                                 checkpoints/ or one checkpoints/<step>)
   run_loop                       steps, logging, checkpoints, SIGTERM, non-finite stop
 
 The config a run was started with is written to `workdir/config.json`; every
@@ -325,9 +328,65 @@ def save_checkpoint(manager, step: int, state, iterator) -> None:
   )
 
 
+# What a checkpoint path may name (`find_checkpoint`).
+CHECKPOINT_LAYOUTS = (
+  "a run's workdir (holding checkpoints/), its checkpoints/ folder, or one checkpoints/<step> "
+  "folder in it"
+)
+
+
+def _steps(folder: pathlib.Path) -> list[int]:
+  """The finished checkpoint steps in `folder`: its `<step>` subfolders (none
+  where it is not a folder)."""
+  if not folder.is_dir():
+    return []
+  return [
+    int(p.name)
+    for p in folder.iterdir()
+    if p.name.isdigit() and p.is_dir() and ocp.utils.is_checkpoint_finalized(p)
+  ]
+
+
+def _resolve_checkpoint(path: pathlib.Path) -> tuple[pathlib.Path, int] | None:
+  """(checkpoints folder, step) of the layouts in `CHECKPOINT_LAYOUTS`, else None."""
+  for folder in (path, path / "checkpoints"):
+    if steps := _steps(folder):
+      return folder, max(steps)
+  if path.name.isdigit() and int(path.name) in _steps(path.parent):
+    return path.parent, int(path.name)
+  return None
+
+
+def find_checkpoint(path: str | pathlib.Path, field: str | None = None) -> tuple[pathlib.Path, int]:
+  """The checkpoints/ folder and the step that `path` names.
+
+  Args:
+    path: a run's workdir or its checkpoints/ folder (their latest step), or
+      one checkpoints/<step> folder (that step).
+    field: the config field that gave `path`, for the message.
+
+  Raises:
+    errors.DataError: `path` is a file, does not exist or holds no finished
+      checkpoint; the message names the accepted layouts and, for a path inside
+      a run, the folder meant.
+  """
+  given = pathlib.Path(path).absolute()
+  if found := _resolve_checkpoint(given):
+    return found
+  if given.is_file():
+    what = "is a file"
+  else:
+    what = "holds no finished checkpoint" if given.is_dir() else "does not exist"
+  hint = next(
+    (f" (did you mean {p}?)" for p in list(given.parents)[:4] if _resolve_checkpoint(p)), ""
+  )
+  prefix = f"{field}: " if field else ""
+  raise errors.DataError(f"{prefix}{path} {what}; give {CHECKPOINT_LAYOUTS}{hint}")
+
+
 def restore_checkpoint(manager, resume: str | None, abstract_sharded, iterator):
   """The state (and iterator position) of the workdir's latest checkpoint, else of
-  the latest in the folder `resume`; None when there is neither."""
+  the checkpoint `resume` names (`find_checkpoint`); None when there is neither."""
   args = lambda: ocp.args.Composite(
     state=ocp.args.StandardRestore(abstract_sharded),
     data=grain.checkpoint.CheckpointRestore(iterator),
@@ -336,34 +395,40 @@ def restore_checkpoint(manager, resume: str | None, abstract_sharded, iterator):
     logging.info("resuming from %s step %d", manager.directory, manager.latest_step())
     return manager.restore(manager.latest_step(), args=args())["state"]
   if resume:
-    other = ocp.CheckpointManager(pathlib.Path(resume).absolute())
-    if other.latest_step() is None:
-      raise errors.DataError(
-        f"config.checkpoint.resume: no checkpoint in {resume} (give a run's checkpoints/ folder)"
-      )
-    return other.restore(other.latest_step(), args=args())["state"]
+    folder, step = find_checkpoint(resume, "config.checkpoint.resume")
+    logging.info("resuming from %s step %d", folder, step)
+    return ocp.CheckpointManager(folder).restore(step, args=args())["state"]
   return None
 
 
-def load_params(checkpoints: str | pathlib.Path, sharding: jax.sharding.Sharding | None = None):
-  """The student parameters of the latest checkpoint in a checkpoint folder.
+def check_restore_paths(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Fails on a `checkpoint.resume` or `checkpoint.init_from` that names no
+  checkpoint, before a run records its config; a restart from the workdir's own
+  checkpoints reads neither, so neither is checked then."""
+  if _steps(pathlib.Path(workdir) / "checkpoints"):
+    return
+  for field in ("resume", "init_from"):  # the restore order: the first set one is read
+    if config.checkpoint.get(field):
+      find_checkpoint(config.checkpoint[field], f"config.checkpoint.{field}")
+      return
+
+
+def load_params(
+  checkpoints: str | pathlib.Path,
+  sharding: jax.sharding.Sharding | None = None,
+  field: str | None = None,
+):
+  """The student parameters of a checkpoint.
 
   Args:
-    checkpoints: the folder.
+    checkpoints: a run's workdir or its checkpoints/ folder (the latest
+      step), or one checkpoints/<step> folder (`find_checkpoint`).
     sharding: where to put every array (a checkpoint written on other devices needs one);
       None: the devices the checkpoint was written from.
+    field: the config field that gave `checkpoints`, for the error message.
   """
-  folder = pathlib.Path(checkpoints).absolute()
-  if not folder.is_dir():
-    raise errors.DataError(
-      f"{checkpoints}: not a checkpoint folder (give a run's checkpoints/ folder)"
-    )
+  folder, step = find_checkpoint(checkpoints, field)
   manager = ocp.CheckpointManager(folder, item_handlers={"state": ocp.StandardCheckpointHandler()})
-  step = manager.latest_step()
-  if step is None:
-    raise errors.DataError(
-      f"{checkpoints}: no checkpoint to take parameters from (give a run's checkpoints/ folder)"
-    )
   target = None
   if sharding is not None:
     target = jax.tree.map(

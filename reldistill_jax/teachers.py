@@ -6,19 +6,28 @@
       patch-grid features of (B, H, W, 3) uint8 images already at the size to
       encode (resizing belongs to the feature-store writer); the teacher
       applies its own pixel normalisation.
-  image_embedding(images_uint8) -> (B, D)   pooled, projected (CLIP only)
-  text_embedding(list_of_str) -> (T, D)     projected (CLIP, synthetic)
+  image_embedding(images_uint8) -> (B, D)   pooled, projected (CLIP, SigLIP 2)
+  text_embedding(list_of_str) -> (T, D)     projected (CLIP, SigLIP 2, synthetic)
 
-plus `name`, `patch_size`, `feature_dim`, `default_image_size` (H, W),
+plus `name`, `dense`, `patch_size`, `feature_dim`, `default_image_size` (H, W),
 `weights_sha256` and `normalisation` (a description), which the feature store
 records in its manifest.
 
-Names: `clip` and `dinov2` read the architecture from the checkpoint's own
-files, so any size loads; `clip_vitb16`, `clip_vitl14`, `dinov2_vits14`,
-`dinov2_vitb14`, `dinov2_vitl14` also check that the checkpoint is that
-architecture. `synthetic` is the teacher of the synthetic world (below): its
-`weights_path` is the world's dataroot, whose rendered class maps it reads, so
+Names: the families `clip`, `siglip2`, `dinov2` and `dinov3` read the
+architecture from the checkpoint's own files, so any size loads; the named
+sizes (`clip_vitb16`, `clip_vitl14`, `siglip2_b16`, `siglip2_l16`,
+`siglip2_so400m14`, `siglip2_so400m16`, `siglip2_g16`, `dinov2_vits14`,
+`dinov2_vitb14`, `dinov2_vitl14`, `dinov3_vits16`, `dinov3_vitb16`,
+`dinov3_vitl16`) also check that the checkpoint is that architecture.
+`synthetic` is the teacher of the synthetic world (below): its `weights_path`
+is the world's dataroot, whose rendered class maps it reads, so
 `dense_features` needs the cameras' sample_data tokens.
+
+Every teacher has a `dense` rule, which the feature store records and
+training checks: for CLIP and SigLIP 2 one of `maskclip` (default), `sclip`,
+`clearclip`, `naclip` (`models/vit.py`); DINOv2 `tokens_prenorm` (ScaLR's
+choice), DINOv3 `tokens_postnorm` (its own dense evaluations'; registers
+dropped); the synthetic teacher `class_prototypes`.
 
 The synthetic teacher stands in for CLIP on the synthetic world: each class has
 a prototype (related classes close together, as in CLIP space: vehicles,
@@ -30,6 +39,7 @@ evaluator as a CLIP-distilled one, and near-prototype classes are confused
 the way CLIP confuses them.
 """
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -49,6 +59,7 @@ class Teacher(Protocol):
   """What the feature store, the text embeddings and the evaluators use."""
 
   name: str
+  dense: str
   patch_size: int
   feature_dim: int
   default_image_size: tuple[int, int]
@@ -118,11 +129,13 @@ class SyntheticTeacher:
   """
 
   name = "synthetic"
+  dense = "class_prototypes"
+  FEATURE_DIM = 512
 
   def __init__(
     self,
     world: str | pathlib.Path,
-    feature_dim: int = 512,
+    feature_dim: int = FEATURE_DIM,
     patch_size: int = 16,
     within_group: float = 0.7,
     confusion: float = 0.55,
@@ -245,38 +258,31 @@ class SyntheticTeacher:
 
 
 class VitTeacher:
-  """CLIP (MaskCLIP dense features, image and text embeddings) or DINOv2.
+  """A ViT teacher: CLIP or SigLIP 2 (dense features, image and text embeddings), DINOv2 or DINOv3.
 
   Args:
     name: the teacher name (module docstring).
-    path: checkpoint folder (transformers layout) or open_clip file/folder.
+    path: checkpoint folder (transformers layout), or an open_clip file/folder for CLIP.
+    dense: the dense rule (`vit.DENSE_OUTPUTS`); None for the family's default.
   """
 
-  def __init__(self, name: str, path: str | pathlib.Path):
-    from reldistill_jax.models import vit, vit_import  # JAX models load lazily
+  def __init__(self, name: str, path: str | pathlib.Path, dense: str | None = None):
+    from reldistill_jax.models import vit  # JAX models load lazily
 
     self.name = name
     self.path = pathlib.Path(path)
     family = name.split("_")[0]
-    loader = vit_import.load_clip_vision if family == "clip" else vit_import.load_dinov2
-    self.config, params = loader(self.path)
-    expected = _ARCHITECTURES.get(name)
-    if expected is not None:
-      want = vit.VARIANTS[expected]
-      got = (self.config.patch_size, self.config.width, self.config.layers)
-      if got != (want.patch_size, want.width, want.layers):
-        raise errors.DataError(
-          f"{self.path}: {name} expects patch {want.patch_size}, width {want.width}, "
-          f"{want.layers} layers; the checkpoint has patch {got[0]}, width {got[1]}, {got[2]} layers "
-          f"(load it as {family!r} to accept any size)"
-        )
+    self.config, params = _loader(family)(self.path)
+    self._check_architecture(vit.VARIANTS.get(_ARCHITECTURES.get(name)), family)
+    if dense is not None and dense != self.config.dense_output:
+      check_dense(name, dense)
+      if dense in vit.TEXT_DENSE and not self.config.text_aligned:
+        raise errors.DataError(f"{self.path}: this checkpoint has no image-text projection")
+      self.config = dataclasses.replace(self.config, dense_output=dense)
+    self.dense = self.config.dense_output
     self.patch_size = self.config.patch_size
     self.feature_dim = self.config.out_dim
-    # 224 rows and the width nearest 416 that is a whole number of patches.
-    self.default_image_size = (
-      224 // self.patch_size * self.patch_size,
-      round(416 / self.patch_size) * self.patch_size,
-    )
+    self.default_image_size = default_image_size(self.patch_size)
     self.normalisation = f"mean {list(self.config.pixel_mean)}, std {list(self.config.pixel_std)}"
     files = sorted(self.path.rglob("*.safetensors")) if self.path.is_dir() else [self.path]
     self.weights_sha256 = sha256_of(files)
@@ -285,11 +291,21 @@ class VitTeacher:
     self._normalize = functools.partial(vit.normalize_pixels, config=self.config)
     self._apply = jax.jit(lambda p, x: model.apply(p, x))
     self._text = None
-    if family == "clip":
+    if self.config.text_aligned:
       from reldistill_jax.models import clip_text
 
       self._text = clip_text.load_clip_text(self.path)
       self._encode_text = clip_text.encode_text
+
+  def _check_architecture(self, want, family: str) -> None:
+    """A named teacher's checkpoint must be that architecture."""
+    got = (self.config.patch_size, self.config.width, self.config.layers)
+    if want is not None and got != (want.patch_size, want.width, want.layers):
+      raise errors.DataError(
+        f"{self.path}: {self.name} expects patch {want.patch_size}, width {want.width}, "
+        f"{want.layers} layers; the checkpoint has patch {got[0]}, width {got[1]}, {got[2]} "
+        f"layers (load it as {family!r} to accept any size)"
+      )
 
   def _run(self, images: np.ndarray):
     _check_images(images, self.patch_size)
@@ -298,46 +314,128 @@ class VitTeacher:
   def dense_features(
     self, images: np.ndarray, camera_tokens: Sequence[str] | None = None
   ) -> np.ndarray:
-    """(B, h, w, D): MaskCLIP features (CLIP) or pre-norm patch tokens (DINOv2)."""
+    """(B, h, w, D): the features of the teacher's dense rule (`self.dense`)."""
     del camera_tokens  # the images themselves are encoded
     return np.asarray(self._run(images)[0], np.float32)
 
   def image_embedding(self, images: np.ndarray) -> np.ndarray:
-    """(B, D) pooled, projected image embeddings (CLIP's get_image_features)."""
+    """(B, D) pooled image embeddings (`get_image_features` of CLIP / SigLIP)."""
     if self._text is None:
-      raise errors.ConfigError(
-        f"{self.name} has no image-text embedding (DINOv2 is not a CLIP model)"
-      )
+      raise errors.ConfigError(f"{self.name} has no image-text embedding (not a CLIP-type model)")
     return np.asarray(self._run(images)[1]["image_embeds"], np.float32)
 
   def text_embedding(self, texts: Sequence[str]) -> np.ndarray:
-    """(T, D) projected text embeddings (CLIP's get_text_features)."""
+    """(T, D) text embeddings (`get_text_features` of CLIP / SigLIP)."""
     if self._text is None:
-      raise errors.ConfigError(f"{self.name} has no text tower (DINOv2 is not a CLIP model)")
+      raise errors.ConfigError(f"{self.name} has no text tower (not a CLIP-type model)")
     config, params, tokenizer = self._text
     return self._encode_text(params, config, tokenizer, list(texts))
+
+
+def default_image_size(patch_size: int) -> tuple[int, int]:
+  """224 rows and the width nearest 416 that are whole numbers of patches (224x416 for /16)."""
+  return 224 // patch_size * patch_size, round(416 / patch_size) * patch_size
+
+
+def _loader(family: str):
+  """The checkpoint importer of a teacher family."""
+  from reldistill_jax.models import vit_import
+
+  return {
+    "clip": vit_import.load_clip_vision,
+    "siglip2": vit_import.load_siglip_vision,
+    "dinov2": vit_import.load_dinov2,
+    "dinov3": vit_import.load_dinov3,
+  }[family]
 
 
 # Named teachers whose checkpoint must be that architecture (vit.VARIANTS names).
 _ARCHITECTURES = {
   "clip_vitb16": "clip_b16",
   "clip_vitl14": "clip_l14",
+  "siglip2_b16": "siglip2_b16",
+  "siglip2_l16": "siglip2_l16",
+  "siglip2_so400m14": "siglip2_so400m14",
+  "siglip2_so400m16": "siglip2_so400m16",
+  "siglip2_g16": "siglip2_g16",
   "dinov2_vits14": "dinov2_s14",
   "dinov2_vitb14": "dinov2_b14",
   "dinov2_vitl14": "dinov2_l14",
+  "dinov3_vits16": "dinov3_s16",
+  "dinov3_vitb16": "dinov3_b16",
+  "dinov3_vitl16": "dinov3_l16",
 }
-TEACHERS = ("synthetic", "clip", "dinov2", *_ARCHITECTURES)
+FAMILIES = ("clip", "siglip2", "dinov2", "dinov3")
+TEACHERS = ("synthetic", *FAMILIES, *_ARCHITECTURES)
+# The teachers with a text tower, for zero-shot (`data_prep.text_embeddings`).
+TEXT_TEACHERS = tuple(t for t in TEACHERS if t.split("_")[0] in ("synthetic", "clip", "siglip2"))
 
 
-def load(name: str, weights_path: str | pathlib.Path | None = None) -> Teacher:
-  """The teacher `name` (module docstring), weights read from local files only."""
+_DEFAULT_DENSE = {
+  "synthetic": SyntheticTeacher.dense,
+  "clip": "maskclip",
+  "siglip2": "maskclip",
+  "dinov2": "tokens_prenorm",
+  "dinov3": "tokens_postnorm",
+}
+
+
+def default_dense(name: str) -> str:
+  """The dense rule a teacher uses when none is asked for."""
+  return _DEFAULT_DENSE[name.split("_")[0]]
+
+
+def check_dense(name: str, dense: str) -> None:
+  """Refuses a dense rule the teacher `name` cannot give, naming the ones it can."""
+  from reldistill_jax.models import vit
+
+  family = name.split("_")[0]
+  if family == "synthetic":
+    allowed = (SyntheticTeacher.dense,)
+  elif family in ("clip", "siglip2"):
+    allowed = vit.DENSE_OUTPUTS
+  else:
+    allowed = tuple(d for d in vit.DENSE_OUTPUTS if d not in vit.TEXT_DENSE)
+  if dense not in allowed:
+    raise errors.ConfigError(
+      f"dense rule {dense!r} is not one of {name}'s: {', '.join(allowed)} "
+      "(the text rules need an image-text teacher: CLIP or SigLIP 2)"
+    )
+
+
+def feature_dim(name: str) -> int:
+  """D of a named teacher's dense features (its default rule; every text rule gives the same)."""
+  from reldistill_jax.models import vit
+
+  if name == "synthetic":
+    return SyntheticTeacher.FEATURE_DIM
+  if name not in _ARCHITECTURES:
+    raise errors.ConfigError(
+      f"teacher {name!r} has no fixed size; choose one of {sorted(_ARCHITECTURES)} or 'synthetic'"
+    )
+  return vit.VARIANTS[_ARCHITECTURES[name]].out_dim
+
+
+def load(
+  name: str, weights_path: str | pathlib.Path | None = None, dense: str | None = None
+) -> Teacher:
+  """The teacher `name` (module docstring), weights read from local files only.
+
+  Args:
+    name: a `TEACHERS` name.
+    weights_path: the checkpoint (the synthetic teacher: the world's dataroot).
+    dense: the dense rule (`vit.DENSE_OUTPUTS`: maskclip, sclip, clearclip,
+      naclip for CLIP and SigLIP 2); None for the teacher's default.
+  """
   if name not in TEACHERS:
     raise errors.ConfigError(f"unknown teacher {name!r}; choose from {sorted(TEACHERS)}")
   if weights_path is None:
     what = "the synthetic world's dataroot" if name == "synthetic" else "a local checkpoint"
     raise errors.ConfigError(f"teacher {name!r} needs weights_path: {what} (nothing is downloaded)")
+  if dense is not None:
+    check_dense(name, dense)
   if name == "synthetic":
     return SyntheticTeacher(weights_path)
   if not pathlib.Path(weights_path).exists():
     raise FileNotFoundError(f"{weights_path}: teacher checkpoint not found")
-  return VitTeacher(name, weights_path)
+  return VitTeacher(name, weights_path, dense)

@@ -9,7 +9,7 @@ itself, the config kept in the workdir) is in `runtime.py`.
 The train state is a plain pytree {"params", "opt_state", "step"}; a
 checkpoint also holds the grain iterator state, so a resumed run sees exactly
 the batches an uninterrupted one would. Restore order: the workdir's latest
-checkpoint, else `config.checkpoint.resume` (a checkpoint folder), else
+checkpoint, else `config.checkpoint.resume` (`runtime.find_checkpoint`), else
 `config.checkpoint.init_from` (encoder parameters only).
 """
 
@@ -86,7 +86,8 @@ def open_data(config: ml_collections.ConfigDict, data_sharding):
   inp = config.input
   buckets = records.ShardedReader(inp.buckets, {"bucket_version": serialization.BUCKET_VERSION})
   store = feature_store.FeatureStore(
-    inp.features, {"teacher": config.teacher, "feature_dim": config.model.out_dim}
+    inp.features,
+    {"teacher": config.teacher, "dense": config.dense, "feature_dim": config.model.out_dim},
   )
   budgets = runtime.pack_budgets(config, buckets, inp.pack_size)
   transform = input_pipeline.Transform(
@@ -158,6 +159,7 @@ def train_and_evaluate(
   # Data: this process's packs of every step, one per device.
   iterator_ds, buckets, _, _ = open_data(config, data_sharding)
   iterator = iter(iterator_ds)
+  runtime.check_restore_paths(config, workdir)
   runtime.record_config(config, workdir, override_config)  # only once the inputs are known good
 
   # Model and optimizer, shape first, then initialised already replicated.
@@ -183,7 +185,9 @@ def train_and_evaluate(
     state = make_state()
     if config.checkpoint.init_from:
       # Read straight onto this run's mesh: any device count, any number of processes.
-      state["params"] = runtime.load_params(config.checkpoint.init_from, replicated)
+      state["params"] = runtime.load_params(
+        config.checkpoint.init_from, replicated, field="config.checkpoint.init_from"
+      )
   start = int(state["step"])
   logging.info("pretrain: steps %d to %d on %d device(s)", start, config.num_steps, mesh.size)
 

@@ -56,6 +56,14 @@ def _pretrain(data, workdir, *overrides: str) -> list[str]:
     ("--config.loss.name=hinge", ("config.loss.name='hinge'", "relational")),
     ("--config.input.pack_size=3", ("config.input.batch_size=2", "multiple of input.pack_size")),
     ("--config.input.buckets=/nonexistent/buckets", ("/nonexistent/buckets",)),
+    (
+      "--config.checkpoint.init_from=/nonexistent/run",
+      ("config.checkpoint.init_from: /nonexistent/run does not exist", "checkpoints/<step>"),
+    ),
+    (
+      "--config.checkpoint.resume=/nonexistent/run",
+      ("config.checkpoint.resume: /nonexistent/run does not exist", "a run's workdir"),
+    ),
   ],
 )
 def test_bad_config_values_are_one_line(small_training_data, tmp_path, override, named):
@@ -116,3 +124,41 @@ def test_a_corrupt_store_met_in_training_is_one_line(small_training_data, tmp_pa
   shard.write_bytes(bytes(raw))
   proc = _run(_pretrain(data, tmp_path / "run", "--config.num_steps=2"))
   _one_line_error(proc, shard.name, "rerun the command that writes the store")
+
+
+BUILDER_ERRORS = [
+  # A builder with several configs, named without one: the configs built there and the known ones.
+  ("nuscenes_lidarseg", (
+    "--builder nuscenes_lidarseg: this builder has several configs and none is named",
+    "e.g. --builder nuscenes_lidarseg/v1.0-synthetic", ": v1.0-synthetic; known: v1.0-mini, ",
+    "v1.0-trainval",
+  )),
+  # A config not built there: the ones that are, and the command that builds it.
+  ("nuscenes_lidarseg/v1.0-mini", (
+    "no built dataset 'nuscenes_lidarseg/v1.0-mini'",
+    "built there: nuscenes_lidarseg/v1.0-synthetic",
+    "data_prep.build nuscenes_lidarseg", "--config v1.0-mini",
+  )),
+  ("semantic_kitti/v1.0-mini", ("semantic_kitti has no configs; pass --builder semantic_kitti",)),
+  ("nuscenes-lidarseg", ("unknown builder 'nuscenes-lidarseg'", "nuscenes_lidarseg, semantic_kitti")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("builder, named", BUILDER_ERRORS)
+def test_voxelise_names_the_builder_configs(pipeline, tmp_path, builder, named):
+  args = [
+    "data_prep.voxelise", f"--data_dir={pipeline['tfds']}", f"--builder={builder}",
+    "--split=train", f"--out={tmp_path / 'out'}",
+  ]  # fmt: skip
+  _one_line_error(_run(args), *named)
+  assert not (tmp_path / "out").exists()
+
+
+def test_teacher_features_names_the_builder_configs(pipeline, tmp_path):
+  args = [
+    "data_prep.teacher_features", "--teacher=synthetic", f"--weights={pipeline['world']}",
+    f"--data_dir={pipeline['tfds']}", "--builder=nuscenes_lidarseg", "--split=train",
+    f"--out={tmp_path / 'out'}",
+  ]  # fmt: skip
+  _one_line_error(_run(args), *BUILDER_ERRORS[0][1])
+  assert not (tmp_path / "out").exists()

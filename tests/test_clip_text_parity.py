@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.numpy import save_file  # noqa: E402
 from test_clip_tokenizer import CLASS_NAMES, HARD, TEMPLATES, write_vocabulary  # noqa: E402
 
-from reldistill_jax.models import checkpoints, clip_text  # noqa: E402
+from reldistill_jax.models import checkpoints, clip_text, clip_tokenizer  # noqa: E402
 from reldistill_jax.models.checkpoints import CheckpointError  # noqa: E402
 
 TEXTS = [t.format(c) for t in TEMPLATES[::3] for c in CLASS_NAMES[::2]] + list(HARD)
@@ -68,7 +68,7 @@ def _hf_features(model, folder: pathlib.Path, texts) -> np.ndarray:
   CLIPTokenizer does not apply (tests/test_clip_tokenizer_parity.py)."""
   tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder))
   inputs = tokenizer(
-    [clip_text.clean_text(t) for t in texts], padding="max_length", max_length=77,
+    [clip_tokenizer.clean_text(t) for t in texts], padding="max_length", max_length=77,
     truncation=True, return_tensors="pt",
   )  # fmt: skip
   with torch.no_grad():
@@ -176,8 +176,8 @@ def test_open_clip_layout_matches(tmp_path):
   folder = tmp_path / "open_clip"
   folder.mkdir()
   save_file(_open_clip_state(model), str(folder / "open_clip_model.safetensors"))
-  gz = tmp_path / "hf" / clip_text.OPENAI_BPE_FILE
-  (folder / clip_text.OPENAI_BPE_FILE).write_bytes(gz.read_bytes())
+  gz = tmp_path / "hf" / clip_tokenizer.OPENAI_BPE_FILE
+  (folder / clip_tokenizer.OPENAI_BPE_FILE).write_bytes(gz.read_bytes())
   # Heads are not in the shapes: from the argument, then from open_clip_config.json.
   config, params, tokenizer = clip_text.load_clip_text(folder, heads=4)
   assert config.eos_token_id is None and tokenizer.pad_id == 0

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from reldistill_jax import classes
-from reldistill_jax.models import clip_text
+from reldistill_jax.models import clip_tokenizer
 from reldistill_jax.models.checkpoints import CheckpointError
 
 # A part of CLIP's ImageNet templates and the project's scene templates.
@@ -81,10 +81,10 @@ HARD = (
 
 def learn_merges(texts, num_merges: int) -> list[tuple[str, str]]:
   """Greedy BPE on the pre-tokenised texts (ties broken by the pair itself)."""
-  byte_tokens = clip_text.bytes_to_unicode()
+  byte_tokens = clip_tokenizer.bytes_to_unicode()
   words = collections.Counter()
   for text in texts:
-    for piece in clip_text.pretokenize_pattern().findall(clip_text.clean_text(text)):
+    for piece in clip_tokenizer.pretokenize_pattern().findall(clip_tokenizer.clean_text(text)):
       chars = tuple(byte_tokens[b] for b in piece.encode("utf-8"))
       words[(*chars[:-1], chars[-1] + "</w>")] += 1
   known = set(byte_tokens.values()) | {c + "</w>" for c in byte_tokens.values()}
@@ -120,12 +120,12 @@ def write_vocabulary(folder: pathlib.Path, num_merges: int = 300) -> int:
   corpus = [t.format(c) for t in TEMPLATES[::2] for c in CLASS_NAMES[::2]] + list(HARD[:14])
   merges = learn_merges(corpus, num_merges)
   assert len(merges) == num_merges
-  vocab = clip_text.openai_vocabulary(merges)
+  vocab = clip_tokenizer.openai_vocabulary(merges)
   folder.mkdir(parents=True, exist_ok=True)
   lines = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
   (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
   (folder / "merges.txt").write_text(lines, encoding="utf-8")
-  with gzip.open(folder / clip_text.OPENAI_BPE_FILE, "wt", encoding="utf-8") as f:
+  with gzip.open(folder / clip_tokenizer.OPENAI_BPE_FILE, "wt", encoding="utf-8") as f:
     f.write(lines)
   return len(vocab)
 
@@ -149,7 +149,7 @@ def _hf_ids(hf_tokenizer, texts, length=77) -> np.ndarray:
 
 
 def test_prompts_match_transformers(vocab_dir, hf_tokenizer):
-  tokenizer = clip_text.load_tokenizer(vocab_dir)
+  tokenizer = clip_tokenizer.load_tokenizer(vocab_dir)
   prompts = [t.format(c) for t in TEMPLATES for c in CLASS_NAMES]
   ids = tokenizer(prompts)
   assert ids.shape == (len(prompts), 77) and ids.dtype == np.int32
@@ -160,11 +160,11 @@ def test_prompts_match_transformers(vocab_dir, hf_tokenizer):
 
 def _cleaned(texts) -> list[str]:
   """OpenAI's cleanup (ftfy, HTML), which transformers' CLIPTokenizer does not apply."""
-  return [clip_text.clean_text(t) for t in texts]
+  return [clip_tokenizer.clean_text(t) for t in texts]
 
 
 def test_hard_strings_match_transformers(vocab_dir, hf_tokenizer):
-  tokenizer = clip_text.load_tokenizer(vocab_dir)
+  tokenizer = clip_tokenizer.load_tokenizer(vocab_dir)
   for text in HARD:
     np.testing.assert_array_equal(
       tokenizer([text]), _hf_ids(hf_tokenizer, _cleaned([text])), err_msg=repr(text)
@@ -174,12 +174,12 @@ def test_hard_strings_match_transformers(vocab_dir, hf_tokenizer):
       tokenizer(HARD, length), _hf_ids(hf_tokenizer, _cleaned(HARD), length)
     )
   # ftfy's repairs: the ligature of HARD is two letters to OpenAI, one symbol to transformers.
-  assert "fi ligature" in clip_text.clean_text("ﬁ ligature")
+  assert "fi ligature" in clip_tokenizer.clean_text("ﬁ ligature")
 
 
 def test_html_entities_are_unescaped_as_clip_does(vocab_dir, hf_tokenizer):
   """CLIP unescapes HTML twice; transformers' tokenizer does not unescape."""
-  tokenizer = clip_text.load_tokenizer(vocab_dir)
+  tokenizer = clip_tokenizer.load_tokenizer(vocab_dir)
   texts = ["fish &amp; chips", "&lt;3 &quot;car&quot;", "a&amp;amp;b", "&#233;t&eacute;"]
   unescaped = [html.unescape(html.unescape(t)) for t in texts]
   assert unescaped[2] == "a&b" and unescaped[3] == "été"
@@ -191,23 +191,23 @@ def test_tokenizer_json_layout(tmp_path, vocab_dir, hf_tokenizer):
   """transformers 5 saves tokenizer.json (merges as pairs) and no vocab.json."""
   hf_tokenizer.save_pretrained(str(tmp_path))
   assert (tmp_path / "tokenizer.json").is_file() and not (tmp_path / "vocab.json").exists()
-  tokenizer = clip_text.load_tokenizer(tmp_path)
-  assert tokenizer.encoder == clip_text.load_tokenizer(vocab_dir).encoder
+  tokenizer = clip_tokenizer.load_tokenizer(tmp_path)
+  assert tokenizer.encoder == clip_tokenizer.load_tokenizer(vocab_dir).encoder
   texts = [t.format(c) for t in TEMPLATES[:6] for c in CLASS_NAMES] + list(HARD)
   np.testing.assert_array_equal(tokenizer(texts), _hf_ids(hf_tokenizer, _cleaned(texts)))
   # Older tokenizer.json files write each merge as one "a b" string.
   data = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
   data["model"]["merges"] = [" ".join(m) for m in data["model"]["merges"]]
   (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
-  assert clip_text.load_tokenizer(tmp_path).ranks == tokenizer.ranks
+  assert clip_tokenizer.load_tokenizer(tmp_path).ranks == tokenizer.ranks
   data["model"]["type"] = "WordPiece"
   (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
   with pytest.raises(CheckpointError, match="not CLIP's BPE"):
-    clip_text.load_tokenizer(tmp_path)
+    clip_tokenizer.load_tokenizer(tmp_path)
 
 
 def test_truncation_keeps_the_end_token(vocab_dir):
-  tokenizer = clip_text.load_tokenizer(vocab_dir, context_length=77)
+  tokenizer = clip_tokenizer.load_tokenizer(vocab_dir, context_length=77)
   ids = tokenizer(["a very long caption " * 30, "a car"])
   assert ids[0, 0] == tokenizer.sot_id and ids[0, -1] == tokenizer.eot_id
   assert len(tokenizer.encode("a very long caption " * 30)) > 75
@@ -219,8 +219,8 @@ def test_truncation_keeps_the_end_token(vocab_dir):
 
 
 def test_openai_gz_layout_equals_vocab_json(vocab_dir):
-  from_json = clip_text.load_tokenizer(vocab_dir)
-  from_gz = clip_text.load_tokenizer(vocab_dir / clip_text.OPENAI_BPE_FILE)
+  from_json = clip_tokenizer.load_tokenizer(vocab_dir)
+  from_gz = clip_tokenizer.load_tokenizer(vocab_dir / clip_tokenizer.OPENAI_BPE_FILE)
   assert from_gz.encoder == from_json.encoder
   assert from_gz.pad_id == 0  # OpenAI and open_clip pad with zeros
   texts = [t.format(c) for t in TEMPLATES[:4] for c in CLASS_NAMES] + list(HARD)
@@ -235,20 +235,20 @@ def test_openai_gz_layout_equals_vocab_json(vocab_dir):
 
 
 def test_openai_gz_keeps_only_the_first_48894_merges(tmp_path):
-  path = tmp_path / clip_text.OPENAI_BPE_FILE
+  path = tmp_path / clip_tokenizer.OPENAI_BPE_FILE
   with gzip.open(path, "wt", encoding="utf-8") as f:
     f.write("bpe_simple_vocab_16e6.txt#version: 0.2\n")
     f.write("".join(f"a{i} b{i}\n" for i in range(48900)))
-  merges = clip_text.read_merges(path, limit=clip_text.OPENAI_NUM_MERGES)
+  merges = clip_tokenizer.read_merges(path, limit=clip_tokenizer.OPENAI_NUM_MERGES)
   assert len(merges) == 48894 and merges[-1] == ("a48893", "b48893")
-  assert len(clip_text.openai_vocabulary(merges)) == 49408
+  assert len(clip_tokenizer.openai_vocabulary(merges)) == 49408
 
 
 def test_errors(tmp_path, vocab_dir):
   with pytest.raises(CheckpointError, match="no tokenizer files"):
-    clip_text.load_tokenizer(tmp_path)
+    clip_tokenizer.load_tokenizer(tmp_path)
   with pytest.raises(CheckpointError, match="not found"):
-    clip_text.load_tokenizer(tmp_path / "bpe_simple_vocab_16e6.txt.gz")
+    clip_tokenizer.load_tokenizer(tmp_path / "bpe_simple_vocab_16e6.txt.gz")
   broken = tmp_path / "broken"
   broken.mkdir()
   vocab = json.loads((vocab_dir / "vocab.json").read_text(encoding="utf-8"))
@@ -257,7 +257,7 @@ def test_errors(tmp_path, vocab_dir):
   (broken / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
   (broken / "merges.txt").write_text(merges, encoding="utf-8")
   with pytest.raises(CheckpointError, match="lacks 1 tokens"):
-    clip_text.load_tokenizer(broken)
+    clip_tokenizer.load_tokenizer(broken)
   (broken / "merges.txt").write_text(merges + "three part line\n", encoding="utf-8")
   with pytest.raises(CheckpointError, match=r"merges.txt:302: expected a merge pair"):
-    clip_text.read_merges(broken / "merges.txt")
+    clip_tokenizer.read_merges(broken / "merges.txt")

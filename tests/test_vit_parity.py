@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reldistill_jax.models import vit, vit_import
+from reldistill_jax.models import positions, vit, vit_import
 from reldistill_jax.models.checkpoints import CheckpointError
 
 # The optional `parity` extra.
@@ -268,8 +268,8 @@ def test_bicubic_matches_torch_interpolate(antialias):
     ref = torch.nn.functional.interpolate(
       torch.from_numpy(x), size=(h, w), mode="bicubic", align_corners=False, antialias=antialias
     )
-    rows = vit.torch_bicubic_weights(h0, h, antialias=antialias)
-    cols = vit.torch_bicubic_weights(w0, w, antialias=antialias)
+    rows = positions.torch_bicubic_weights(h0, h, antialias=antialias)
+    cols = positions.torch_bicubic_weights(w0, w, antialias=antialias)
     assert _max_diff(np.einsum("ih,jw,bchw->bcij", rows, cols, x), ref) < 1e-5, ((h0, w0), (h, w))
     # The original DINOv2 passes scale_factor = (g + 0.1) / g0, which moves the samples.
     scale = ((h + 0.1) / h0, (w + 0.1) / w0)
@@ -280,8 +280,8 @@ def test_bicubic_matches_torch_interpolate(antialias):
       align_corners=False,
       antialias=antialias,
     )
-    rows = vit.torch_bicubic_weights(h0, h, scale[0], antialias)
-    cols = vit.torch_bicubic_weights(w0, w, scale[1], antialias)
+    rows = positions.torch_bicubic_weights(h0, h, scale[0], antialias)
+    cols = positions.torch_bicubic_weights(w0, w, scale[1], antialias)
     assert _max_diff(np.einsum("ih,jw,bchw->bcij", rows, cols, x), ref) < 1e-5, ((h0, w0), (h, w))
 
 
@@ -352,6 +352,16 @@ def test_variants_match_transformers_architectures(name):
       )
       model = transformers.CLIPVisionModelWithProjection(vision)
       skip = ()
+    elif name.startswith("siglip"):
+      vision = transformers.SiglipVisionConfig(**sizes, intermediate_size=config.mlp_dim)
+      model = transformers.SiglipVisionModel(vision)
+      skip = ()
+    elif name.startswith("dinov3"):
+      vision = transformers.DINOv3ViTConfig(
+        **sizes, intermediate_size=config.mlp_dim, num_register_tokens=config.num_registers
+      )
+      model = transformers.DINOv3ViTModel(vision)
+      skip = ("embeddings.mask_token",)
     else:
       model = transformers.Dinov2Model(transformers.Dinov2Config(**sizes))
       skip = ("embeddings.mask_token",)

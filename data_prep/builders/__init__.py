@@ -16,6 +16,49 @@ from reldistill_jax import errors
 BUILDERS = {"nuscenes_lidarseg": NuscenesLidarseg, "semantic_kitti": SemanticKitti}
 
 
+def built_configs(data_dir: str | pathlib.Path, name: str) -> list[str]:
+  """The configs of builder `name` with a finished build in `data_dir` ("" for a
+  builder without configs); an interrupted build (only `incomplete.*`) is not one."""
+  folder = pathlib.Path(data_dir) / name
+  if not BUILDERS[name].BUILDER_CONFIGS:
+    return [""] if any(folder.glob("[0-9]*/dataset_info.json")) else []
+  return sorted(p.parent.parent.name for p in folder.glob("[!.]*/[0-9]*/dataset_info.json"))
+
+
+def check_builder(data_dir: str | pathlib.Path, builder: str) -> None:
+  """Fails unless `builder` (`name[/config]`) names one finished build in `data_dir`.
+
+  Raises:
+    errors.ConfigError: an unknown builder, a builder with configs named
+      without one (the message lists the configs), or a config given to a
+      builder that has none.
+    FileNotFoundError: that builder or config was not built in `data_dir`.
+  """
+  name, _, config = builder.partition("/")
+  if name not in BUILDERS:
+    raise errors.ConfigError(
+      f"--builder {builder}: unknown builder {name!r}; choose from {', '.join(sorted(BUILDERS))}"
+    )
+  built = built_configs(data_dir, name)
+  known = [c.name for c in BUILDERS[name].BUILDER_CONFIGS]
+  if known and not config:
+    example = (built or known)[0]
+    raise errors.ConfigError(
+      f"--builder {name}: this builder has several configs and none is named; pass one, e.g. "
+      f"--builder {name}/{example} (built in {data_dir}: {', '.join(built) or 'none'}; "
+      f"known: {', '.join(known)})"
+    )
+  if config and not known:
+    raise errors.ConfigError(f"--builder {builder}: {name} has no configs; pass --builder {name}")
+  if config not in built:
+    others = f" (built there: {', '.join(f'{name}/{c}' for c in built)})" if built else ""
+    raise FileNotFoundError(
+      f"{pathlib.Path(data_dir) / builder}: no built dataset {builder!r} in {data_dir}{others}; "
+      f"run `python -m data_prep.build {name} --manual_dir RAW --data_dir {data_dir}"
+      f"{' --config ' + config if config else ''}`"
+    )
+
+
 def data_source(data_dir: str | pathlib.Path, builder: str, split: str):
   """Random-access source over a built split (works as a grain data source).
 
@@ -30,23 +73,10 @@ def data_source(data_dir: str | pathlib.Path, builder: str, split: str):
 
   Raises:
     FileNotFoundError: if that builder, config or split was not built there.
-    errors.DataError: the split (or slice) holds no records, or a builder with
-      configs is named without one.
+    errors.ConfigError: see `check_builder`.
+    errors.DataError: the split (or slice) holds no records.
   """
-  name, _, config = builder.partition("/")
-  if name in BUILDERS and BUILDERS[name].BUILDER_CONFIGS and not config:
-    built = sorted(p.name for p in (pathlib.Path(data_dir) / name).glob("[!.]*") if p.is_dir())
-    raise errors.DataError(
-      f"{name} has one config per version folder: name one, e.g. {name}/v1.0-trainval "
-      f"(built in {data_dir}: {', '.join(f'{name}/{c}' for c in built) or 'none'})"
-    )
-  root = pathlib.Path(data_dir) / name / config if config else pathlib.Path(data_dir) / name
-  if not root.is_dir():
-    raise FileNotFoundError(
-      f"{root}: no built dataset {builder!r} in {data_dir} "
-      f"(run `python -m data_prep.build {name} --manual_dir RAW --data_dir {data_dir}"
-      f"{' --config ' + config if config else ''}`)"
-    )
+  check_builder(data_dir, builder)
   dataset = tfds.builder(builder, data_dir=str(data_dir))
   base_split = split.split("[")[0]
   if base_split not in dataset.info.splits:

@@ -1,335 +1,47 @@
-r"""The CLIP text tower in JAX: tokenizer, transformer and checkpoint import.
+"""The CLIP and SigLIP text towers in JAX: transformer and checkpoint import.
 
-Tokenizer. CLIP's byte-level BPE, as OpenAI's `simple_tokenizer.py`:
-  1. cleanup: `ftfy.fix_text` (mojibake, typographic quotes, fullwidth forms,
-     ligatures, control characters, NFC), HTML entities unescaped twice,
-     whitespace runs (Python's `\s`) collapsed to one space, ends stripped,
-     lowercased. transformers' `CLIPTokenizer` (5.x) applies only NFC,
-     whitespace and lowercasing, so it differs from OpenAI's on such text;
-  2. pre-tokenisation with OpenAI's pattern and flags (the `regex` package,
-     IGNORECASE)
-     `<|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+`;
-  3. each piece's UTF-8 bytes mapped to printable characters (GPT-2's
-     byte-to-unicode table), the last one suffixed with `</w>`, then merged
-     pair by pair in merge-rank order;
-  4. `<|startoftext|>` + ids + `<|endoftext|>`, truncated to the context
-     length (the end token kept) and padded.
-Tested equal to OpenAI's `SimpleTokenizer` on over 10,000 strings, and to
-transformers' `CLIPTokenizer` on the cleaned text (`tests/test_clip_tokenizer_parity.py`).
-The vocabulary comes from `vocab.json` + `merges.txt` (transformers layout) or
-is rebuilt from `bpe_simple_vocab_16e6.txt.gz` (OpenAI/open_clip layout: 256
-byte tokens, their `</w>` forms, one token per merge, the two special tokens).
-
-Transformer. Token + learned position embeddings, pre-LN causal self-attention
-blocks, a final LayerNorm, the features at the end-of-text token, and a linear
-projection without bias: `CLIPModel.get_text_features` of transformers (and
-`encode_text` of OpenAI/open_clip), before any normalisation. The end-of-text
-position is the first position holding `eos_token_id` when the transformers
-config names one other than 2, else the argmax of the ids (the end token has
-the largest id); open_clip always takes the argmax.
+Transformer. Token + learned position embeddings, pre-LN self-attention
+blocks, a final LayerNorm, one pooled position and a linear projection; the
+two families differ in three settings of `TextConfig`:
+  * CLIP (`CLIPModel.get_text_features` of transformers, `encode_text` of
+    OpenAI/open_clip, before any normalisation): causal attention, pooled at
+    the end-of-text token, projection without bias. The end-of-text position
+    is the first position holding `eos_token_id` when the transformers config
+    names one other than 2, else the argmax of the ids (the end token has the
+    largest id); open_clip always takes the argmax.
+  * SigLIP and SigLIP 2 (`SiglipModel` / `Siglip2Model.get_text_features`,
+    models/siglip/modeling_siglip.py `SiglipTextModel.forward`): attention
+    over all positions, without a mask (called with `input_ids` only, as the
+    SigLIP 2 processor returns them, transformers builds no mask, so padding
+    is attended), pooled at the last position (`last_hidden_state[:, -1]`,
+    a pad token for short texts), and the `head` projection with a bias.
+    Rows must therefore be padded to the context length, as the tokenizer
+    does.
 
 Checkpoints. `load_clip_text(path)` reads a transformers folder
-(`config.json` + `model.safetensors`, `text_model.*` and
-`text_projection.weight`) or an open_clip `.safetensors` file (or a folder
-holding one), whose sizes are read from the tensor shapes.
+(`config.json` + `model.safetensors`, `text_model.*`; CLIP's
+`text_projection.weight`, or SigLIP's `text_model.head`, for model_type
+`siglip` (`SiglipModel`, also the layout of the fixed-resolution SigLIP 2
+checkpoints) and `siglip2` (`Siglip2Model`, NaFlex)) or an open_clip
+`.safetensors` file (or a folder holding one), whose sizes are read from the
+tensor shapes. Tokenizers: `clip_tokenizer` for CLIP, `siglip_tokenizer`
+(the folder's `tokenizer.json`) for SigLIP.
 """
 
 import dataclasses
 import functools
-import gzip
-import html
 import json
 import pathlib
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
-import ftfy
 import jax
 import jax.numpy as jnp
 import numpy as np
-import regex
 
-from reldistill_jax.models import checkpoints
+from reldistill_jax.models import checkpoints, clip_tokenizer, siglip_tokenizer
 from reldistill_jax.models.checkpoints import CheckpointError
-
-SOT = "<|startoftext|>"
-EOT = "<|endoftext|>"
-# Merges OpenAI's tokenizer keeps from `bpe_simple_vocab_16e6.txt.gz` (lines
-# 1..48894 after the header); with 512 byte tokens and 2 specials: 49408 ids.
-OPENAI_NUM_MERGES = 49152 - 256 - 2
-OPENAI_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
-
-# OpenAI's pre-tokenisation pattern, compiled with its flags.
-_PATTERN = (
-  r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-)
-
-
-# ----------------------------------------------------------------- tokenizer
-
-
-def bytes_to_unicode() -> dict[int, str]:
-  """GPT-2's table from the 256 byte values to printable characters.
-
-  Printable Latin-1 bytes map to themselves; the others to U+0100 onwards, in
-  byte order. The order of the values is the order of the first 256 tokens.
-  """
-  bs = [
-    *range(ord("!"), ord("~") + 1),
-    *range(ord("¡"), ord("¬") + 1),
-    *range(ord("®"), ord("ÿ") + 1),
-  ]
-  cs = list(bs)
-  extra = 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + extra)
-      extra += 1
-  return dict(zip(bs, map(chr, cs), strict=True))
-
-
-@functools.cache
-def pretokenize_pattern() -> regex.Pattern:
-  """CLIP's pre-tokenisation pattern, with OpenAI's IGNORECASE flag."""
-  return regex.compile(_PATTERN, regex.IGNORECASE)
-
-
-def clean_text(text: str) -> str:
-  """OpenAI's cleanup: ftfy, HTML unescaped twice, whitespace collapsed and stripped, lowercase."""
-  text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-  return re.sub(r"\s+", " ", text).strip().lower()
-
-
-class Tokenizer:
-  """CLIP's byte-level BPE tokenizer.
-
-  Attributes:
-    encoder: token string -> id.
-    context_length: L, the length of every tokenised row.
-    sot_id, eot_id: ids of `<|startoftext|>` and `<|endoftext|>`.
-    pad_id: id written after the end token (0 for OpenAI/open_clip, the end
-      token for transformers' CLIPTokenizer; the text features do not depend
-      on it since attention is causal).
-  """
-
-  def __init__(
-    self,
-    encoder: dict[str, int],
-    merges: Sequence[tuple[str, str]],
-    context_length: int = 77,
-    pad_id: int = 0,
-  ):
-    """Builds the tokenizer from a vocabulary and its ranked merges.
-
-    Args:
-      encoder: token string -> id; holds the 512 byte tokens (with and without
-        `</w>`), every merge's result and the two special tokens.
-      merges: pairs in rank order (first merges first).
-      context_length: L of the rows `__call__` returns (>= 2).
-      pad_id: id of the padding after the end token.
-
-    Raises:
-      ValueError: if the vocabulary lacks a token the merges or bytes produce.
-    """
-    if context_length < 2:
-      raise ValueError(
-        f"context_length must leave room for the two special tokens, got {context_length}"
-      )
-    self.encoder = dict(encoder)
-    self.decoder = {i: t for t, i in self.encoder.items()}
-    self.ranks = {tuple(pair): rank for rank, pair in enumerate(merges)}
-    self.byte_encoder = bytes_to_unicode()
-    self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
-    self.context_length = context_length
-    self.pad_id = pad_id
-    bytes_tokens = list(self.byte_encoder.values())
-    needed = [SOT, EOT, *bytes_tokens, *(t + "</w>" for t in bytes_tokens)]
-    needed += ["".join(pair) for pair in self.ranks]
-    missing = [t for t in needed if t not in self.encoder]
-    if missing:
-      raise ValueError(
-        f"the vocabulary lacks {len(missing)} tokens its bytes and merges produce, e.g. {missing[:5]}"
-      )
-    self.sot_id = self.encoder[SOT]
-    self.eot_id = self.encoder[EOT]
-    self._pattern = pretokenize_pattern()
-    self._cache = {SOT: (SOT,), EOT: (EOT,)}
-
-  @property
-  def vocab_size(self) -> int:
-    return len(self.encoder)
-
-  def bpe(self, piece: str) -> tuple[str, ...]:
-    """Merges one byte-mapped piece into tokens; the last one ends in `</w>`."""
-    if piece in self._cache:
-      return self._cache[piece]
-    word = (*piece[:-1], piece[-1] + "</w>")
-    while len(word) > 1:
-      pair = min(zip(word, word[1:], strict=False), key=lambda p: self.ranks.get(p, float("inf")))
-      if pair not in self.ranks:
-        break
-      merged, i = [], 0
-      while i < len(word):
-        if i < len(word) - 1 and (word[i], word[i + 1]) == pair:
-          merged.append(word[i] + word[i + 1])
-          i += 2
-        else:
-          merged.append(word[i])
-          i += 1
-      word = tuple(merged)
-    self._cache[piece] = word
-    return word
-
-  def encode(self, text: str) -> list[int]:
-    """Token ids of one text, without the special tokens or any truncation."""
-    ids = []
-    for piece in self._pattern.findall(clean_text(text)):
-      if piece not in (SOT, EOT):
-        piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
-      ids.extend(self.encoder[t] for t in self.bpe(piece))
-    return ids
-
-  def decode(self, ids: Sequence[int]) -> str:
-    """Text of token ids (special tokens and padding after the end dropped)."""
-    tokens = []
-    for i in ids:
-      if i == self.eot_id:
-        break
-      if i != self.sot_id:
-        tokens.append(self.decoder[int(i)])
-    text = bytearray(self.byte_decoder[c] for c in "".join(tokens))
-    return text.decode("utf-8", errors="replace").replace("</w>", " ").strip()
-
-  def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
-    """Tokenises texts into fixed-length rows.
-
-    Args:
-      texts: one text or a sequence of T texts.
-      context_length: L; the tokenizer's own by default.
-
-    Returns:
-      (T, L) int32: `<|startoftext|>`, at most L - 2 text tokens (longer texts
-      are cut), `<|endoftext|>`, then `pad_id`.
-    """
-    if isinstance(texts, str):
-      texts = [texts]
-    length = context_length or self.context_length
-    rows = np.full((len(texts), length), self.pad_id, np.int32)
-    for row, text in zip(rows, texts, strict=True):
-      ids = [self.sot_id, *self.encode(text)[: length - 2], self.eot_id]
-      row[: len(ids)] = ids
-    return rows
-
-
-def read_merges(path: str | pathlib.Path, limit: int | None = None) -> list[tuple[str, str]]:
-  """Ranked merges of a `merges.txt` or gzipped `bpe_simple_vocab_16e6.txt.gz`.
-
-  Args:
-    path: the file; a first line holding `#version` is skipped.
-    limit: keep only the first `limit` merges (OpenAI keeps 48894 of the gz).
-
-  Raises:
-    CheckpointError: if the file is missing or a line is not a pair.
-  """
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise CheckpointError(f"{path}: BPE merges file not found")
-  opener = gzip.open if path.suffix == ".gz" else open
-  with opener(path, "rt", encoding="utf-8") as f:
-    lines = f.read().split("\n")
-  # transformers' merges.txt starts "#version: 0.2"; OpenAI's gz starts
-  # "bpe_simple_vocab_16e6.txt#version: 0.2", a line that splits into two.
-  skip = 1 if lines and "#version" in lines[0] else 0
-  end = skip + limit if limit else None
-  merges = []
-  for number, line in enumerate(lines[skip:end], start=skip + 1):
-    if not line.strip():
-      continue
-    pair = line.split()
-    if len(pair) != 2:
-      raise CheckpointError(f"{path}:{number}: expected a merge pair, got {line!r}")
-    merges.append((pair[0], pair[1]))
-  return merges
-
-
-def openai_vocabulary(merges: Sequence[tuple[str, str]]) -> dict[str, int]:
-  """The vocabulary OpenAI's CLIP builds from its merges (ids in that order)."""
-  tokens = list(bytes_to_unicode().values())
-  tokens += [t + "</w>" for t in tokens]
-  tokens += ["".join(pair) for pair in merges]
-  tokens += [SOT, EOT]
-  return {t: i for i, t in enumerate(tokens)}
-
-
-def _pad_token(folder: pathlib.Path) -> str:
-  """The pad token a transformers tokenizer folder declares (its default: EOT)."""
-  for name in ("special_tokens_map.json", "tokenizer_config.json"):
-    path = folder / name
-    if path.is_file():
-      token = json.loads(path.read_text()).get("pad_token")
-      if isinstance(token, dict):
-        token = token.get("content")
-      if isinstance(token, str):
-        return token
-  return EOT
-
-
-def _read_tokenizer_json(path: pathlib.Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
-  """Vocabulary and merges of a transformers `tokenizer.json` (a BPE with `</w>`)."""
-  model = json.loads(path.read_text(encoding="utf-8")).get("model", {})
-  if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
-    raise CheckpointError(
-      f"{path}: not CLIP's BPE (model type {model.get('type')!r}, "
-      f"end_of_word_suffix {model.get('end_of_word_suffix')!r})"
-    )
-  # Merges are "a b" strings in older files, [a, b] pairs in newer ones.
-  merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-  return model["vocab"], merges
-
-
-def load_tokenizer(path: str | pathlib.Path, context_length: int = 77) -> Tokenizer:
-  """The tokenizer of a checkpoint folder or of a BPE merges file.
-
-  Args:
-    path: a transformers folder (`vocab.json` + `merges.txt`, or the
-      `tokenizer.json` transformers 5 writes; padding as its tokenizer config
-      says, by default the end token), a folder with
-      `bpe_simple_vocab_16e6.txt.gz`, or that file itself (OpenAI/open_clip;
-      padding 0).
-    context_length: L of the tokenised rows.
-
-  Raises:
-    CheckpointError: if no tokenizer files are found or they are inconsistent.
-  """
-  path = pathlib.Path(path)
-  try:
-    if path.is_dir() and (path / "vocab.json").is_file():
-      encoder = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
-      merges = read_merges(path / "merges.txt")
-    elif path.is_dir() and (path / "tokenizer.json").is_file():
-      encoder, merges = _read_tokenizer_json(path / "tokenizer.json")
-    else:
-      gz = path / OPENAI_BPE_FILE if path.is_dir() else path
-      if path.is_dir() and not gz.is_file():
-        found = sorted(p.name for p in path.iterdir())
-        raise CheckpointError(
-          f"{path}: no tokenizer files (vocab.json + merges.txt, tokenizer.json or "
-          f"{OPENAI_BPE_FILE}); found {found}"
-        )
-      merges = read_merges(gz, limit=OPENAI_NUM_MERGES)
-      return Tokenizer(openai_vocabulary(merges), merges, context_length, pad_id=0)
-    pad = _pad_token(path)
-    if pad not in encoder:
-      raise CheckpointError(f"{path}: pad token {pad!r} is not in the vocabulary")
-    return Tokenizer(encoder, merges, context_length, pad_id=encoder[pad])
-  except CheckpointError:
-    raise
-  except (ValueError, KeyError) as e:  # malformed JSON, vocabulary lacking tokens
-    raise CheckpointError(f"{path}: invalid tokenizer files ({e})") from e
-
 
 # --------------------------------------------------------------- transformer
 
@@ -339,7 +51,7 @@ def quick_gelu(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
 
-# transformers' ACT2FN names of the activations CLIP checkpoints use.
+# transformers' ACT2FN names of the activations CLIP and SigLIP checkpoints use.
 ACTIVATIONS = {
   "quick_gelu": quick_gelu,
   "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -352,7 +64,7 @@ ACTIVATIONS = {
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-  """Sizes of a CLIP text tower.
+  """Sizes and settings of a CLIP or SigLIP text tower (defaults: CLIP ViT-B).
 
   Attributes:
     vocab_size: V, rows of the token embedding.
@@ -364,8 +76,13 @@ class TextConfig:
     embed_dim: D, the projected output dimension.
     hidden_act: an `ACTIVATIONS` name.
     layer_norm_eps: epsilon of every LayerNorm.
-    eos_token_id: pool at the first position holding this id; None to pool at
-      the argmax of the ids (OpenAI, open_clip, transformers with id 2).
+    eos_token_id: with pool "eos", pool at the first position holding this
+      id; None to pool at the argmax of the ids (OpenAI, open_clip,
+      transformers with id 2).
+    causal: causal attention (CLIP) or attention over every position (SigLIP).
+    pool: "eos", the end-of-text position (CLIP), or "last", the last
+      position of the row (SigLIP).
+    projection_bias: whether the projection adds a bias (SigLIP's `head`).
   """
 
   vocab_size: int = 49408
@@ -378,14 +95,21 @@ class TextConfig:
   hidden_act: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
   eos_token_id: int | None = None
+  causal: bool = True
+  pool: str = "eos"
+  projection_bias: bool = False
+
+
+POOLS = ("eos", "last")
 
 
 class SelfAttention(nn.Module):
-  """Causal multi-head self-attention with separate q, k, v projections."""
+  """Multi-head self-attention (causal or not) with separate q, k, v projections."""
 
   width: int
   heads: int
   dtype: Any = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -395,7 +119,7 @@ class SelfAttention(nn.Module):
     q, k, v = (
       dense(n)(x).reshape(b, length, self.heads, head_dim) for n in ("query", "key", "value")
     )
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, L, heads, head_dim)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # (B, L, heads, head_dim)
     return dense("out")(out.reshape(b, length, self.width))
 
 
@@ -411,21 +135,24 @@ class Block(nn.Module):
     norm = lambda name: nn.LayerNorm(
       cfg.layer_norm_eps, dtype=self.dtype, use_fast_variance=False, name=name
     )
-    x = x + SelfAttention(cfg.width, cfg.heads, self.dtype, name="attn")(norm("ln_1")(x))
+    attn = SelfAttention(cfg.width, cfg.heads, self.dtype, cfg.causal, name="attn")
+    x = x + attn(norm("ln_1")(x))
     h = nn.Dense(cfg.mlp_dim, dtype=self.dtype, name="mlp_fc")(norm("ln_2")(x))
     h = ACTIVATIONS[cfg.hidden_act](h)
     return x + nn.Dense(cfg.width, dtype=self.dtype, name="mlp_proj")(h)
 
 
-def pool_index(ids: jax.Array, eos_token_id: int | None) -> jax.Array:
-  """(B,) position of each row's end token in ids (B, L), as transformers picks it."""
-  if eos_token_id is None:
+def pool_index(ids: jax.Array, config: TextConfig) -> jax.Array:
+  """(B,) position pooled in each row of ids (B, L), as transformers picks it."""
+  if config.pool == "last":
+    return jnp.full(ids.shape[:1], ids.shape[-1] - 1)
+  if config.eos_token_id is None:
     return jnp.argmax(ids, axis=-1)
-  return jnp.argmax(ids == eos_token_id, axis=-1)
+  return jnp.argmax(ids == config.eos_token_id, axis=-1)
 
 
 class TextTransformer(nn.Module):
-  """The CLIP text tower: ids -> projected text features.
+  """The CLIP / SigLIP text tower: ids -> projected text features.
 
   Attributes:
     config: the tower's sizes.
@@ -440,18 +167,22 @@ class TextTransformer(nn.Module):
     """Encodes token rows.
 
     Args:
-      ids: (B, L') int token ids, L' <= context_length, one end token per row.
+      ids: (B, L') int token ids, L' <= context_length; with pool "eos" one
+        end token per row, with pool "last" rows padded to the context
+        length as the model was trained.
 
     Returns:
       (features, aux): features (B, embed_dim) float32, projected, not
       normalised; aux {"tokens": (B, L', W) after the final LayerNorm,
-      "pooled": (B, W) the end-token features before the projection}.
+      "pooled": (B, W) the pooled features before the projection}.
     """
     cfg = self.config
     if ids.shape[-1] > cfg.context_length:
       raise ValueError(f"{ids.shape[-1]} tokens exceed the context length {cfg.context_length}")
     if cfg.hidden_act not in ACTIVATIONS:
       raise ValueError(f"unknown activation {cfg.hidden_act!r}; choose from {sorted(ACTIVATIONS)}")
+    if cfg.pool not in POOLS:
+      raise ValueError(f"unknown pool {cfg.pool!r}; choose from {POOLS}")
     x = nn.Embed(cfg.vocab_size, cfg.width, name="token_embedding")(ids)  # (B, L', W)
     pos = self.param(
       "position_embedding", nn.initializers.normal(0.01), (cfg.context_length, cfg.width)
@@ -462,12 +193,15 @@ class TextTransformer(nn.Module):
     x = nn.LayerNorm(
       cfg.layer_norm_eps, dtype=self.dtype, use_fast_variance=False, name="ln_final"
     )(x)
-    pooled = x[jnp.arange(x.shape[0]), pool_index(ids, cfg.eos_token_id)]  # (B, W)
+    pooled = x[jnp.arange(x.shape[0]), pool_index(ids, cfg)]  # (B, W)
     projection = self.param(
       "text_projection", nn.initializers.normal(cfg.width**-0.5), (cfg.width, cfg.embed_dim)
     )
-    features = jnp.dot(pooled, projection.astype(self.dtype)).astype(jnp.float32)
-    return features, {"tokens": x, "pooled": pooled}
+    features = jnp.dot(pooled, projection.astype(self.dtype))
+    if cfg.projection_bias:
+      bias = self.param("text_projection_bias", nn.initializers.zeros, (cfg.embed_dim,))
+      features = features + bias.astype(self.dtype)
+    return features.astype(jnp.float32), {"tokens": x, "pooled": pooled}
 
 
 @functools.cache
@@ -479,11 +213,11 @@ def _encode_fn(config: TextConfig):
 def encode_text(
   params: Any,
   config: TextConfig,
-  tokenizer: Tokenizer,
+  tokenizer: clip_tokenizer.Tokenizer | siglip_tokenizer.Tokenizer,
   texts: Sequence[str],
   batch_size: int = 256,
 ) -> np.ndarray:
-  """Projected CLIP text features of texts, as `CLIPModel.get_text_features`.
+  """Projected text features of texts, as `get_text_features` of transformers.
 
   Runs in float32 with full-precision matmuls, in batches of a fixed size (the
   last one padded) so one compilation serves every call.
@@ -541,31 +275,48 @@ def _read_weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
   return checkpoints.read_safetensors(folder / "model.safetensors")
 
 
-def from_transformers(folder: str | pathlib.Path) -> tuple[TextConfig, dict]:
-  """Text tower of a transformers `CLIPModel` / `CLIPTextModelWithProjection` folder.
+# transformers model_type -> text tower family; SigLIP's text towers are read
+# from the full models, whose config.json nests a text_config.
+_FAMILIES = {"clip": "clip", None: "clip", "siglip": "siglip", "siglip2": "siglip"}
 
-  Returns:
-    (config, params) with params {"params": ...} for `TextTransformer.apply`.
 
-  Raises:
-    CheckpointError: missing files, another architecture, or shape mismatches.
-  """
-  folder = pathlib.Path(folder)
-  raw = checkpoints.read_config(folder)
+def _text_settings(folder: pathlib.Path, raw: dict) -> tuple[str, dict]:
+  """(family, text config dict) of a transformers config.json."""
   model_type = raw.get("model_type")
   if model_type == "clip_text_model":
-    text = raw
-  elif isinstance(raw.get("text_config"), dict) and model_type in ("clip", None):
-    text = raw["text_config"]
-  else:
-    raise CheckpointError(
-      f"{folder}: expected a CLIP checkpoint (config.json with model_type 'clip' and a "
-      f"text_config), found model_type {model_type!r}, architectures {raw.get('architectures')}"
+    return "clip", raw
+  if isinstance(raw.get("text_config"), dict) and model_type in _FAMILIES:
+    return _FAMILIES[model_type], raw["text_config"]
+  raise CheckpointError(
+    f"{folder}: expected a CLIP or SigLIP checkpoint (config.json with model_type 'clip', "
+    f"'siglip' or 'siglip2' and a text_config), found model_type {model_type!r}, "
+    f"architectures {raw.get('architectures')}"
+  )
+
+
+def _config(folder: pathlib.Path, raw: dict) -> TextConfig:
+  """The TextConfig of a transformers config.json (missing keys: transformers' defaults)."""
+  family, text = _text_settings(folder, raw)
+  if family == "siglip":  # SiglipTextConfig / Siglip2TextConfig defaults
+    width = text.get("hidden_size", 768)
+    return TextConfig(
+      vocab_size=text.get("vocab_size", 32000),
+      width=width,
+      layers=text.get("num_hidden_layers", 12),
+      heads=text.get("num_attention_heads", 12),
+      mlp_dim=text.get("intermediate_size", 3072),
+      context_length=text.get("max_position_embeddings", 64),
+      embed_dim=text.get("projection_size") or width,
+      hidden_act=text.get("hidden_act", "gelu_pytorch_tanh"),
+      layer_norm_eps=text.get("layer_norm_eps", 1e-6),
+      causal=False,
+      pool="last",
+      projection_bias=True,
     )
   eos = text.get("eos_token_id", 49407)
   if not isinstance(eos, int):
     raise CheckpointError(f"{folder}: eos_token_id {eos!r} is not a single id")
-  config = TextConfig(
+  return TextConfig(
     vocab_size=text.get("vocab_size", 49408),
     width=text.get("hidden_size", 512),
     layers=text.get("num_hidden_layers", 12),
@@ -577,6 +328,23 @@ def from_transformers(folder: str | pathlib.Path) -> tuple[TextConfig, dict]:
     layer_norm_eps=text.get("layer_norm_eps", 1e-5),
     eos_token_id=None if eos == 2 else eos,
   )
+
+
+def from_transformers(folder: str | pathlib.Path) -> tuple[TextConfig, dict]:
+  """Text tower of a transformers CLIP or SigLIP folder.
+
+  Reads `CLIPModel` / `CLIPTextModelWithProjection` (projection
+  `text_projection.weight`) and `SiglipModel` / `Siglip2Model` (projection
+  `text_model.head`, with bias) folders.
+
+  Returns:
+    (config, params) with params {"params": ...} for `TextTransformer.apply`.
+
+  Raises:
+    CheckpointError: missing files, another architecture, or shape mismatches.
+  """
+  folder = pathlib.Path(folder)
+  config = _config(folder, checkpoints.read_config(folder))
   if config.hidden_act not in ACTIVATIONS:
     raise CheckpointError(f"{folder}: unsupported hidden_act {config.hidden_act!r}")
   tensors = _read_weights(folder)
@@ -611,8 +379,13 @@ def from_transformers(folder: str | pathlib.Path) -> tuple[TextConfig, dict]:
       "text_model.embeddings.position_embedding.weight", (config.context_length, w)
     ),
     ln_final=layer_norm("text_model.final_layer_norm"),
-    text_projection=get("text_projection.weight", (config.embed_dim, w)).T,
   )
+  top = params["params"]
+  if config.projection_bias:  # SigLIP's head
+    top["text_projection"] = get("text_model.head.weight", (config.embed_dim, w)).T
+    top["text_projection_bias"] = get("text_model.head.bias", (config.embed_dim,))
+  else:
+    top["text_projection"] = get("text_projection.weight", (config.embed_dim, w)).T
   return config, params
 
 
@@ -746,14 +519,16 @@ def load_clip_text(
   tokenizer_path: str | pathlib.Path | None = None,
   hidden_act: str | None = None,
   heads: int | None = None,
-) -> tuple[TextConfig, dict, Tokenizer]:
-  """CLIP text tower and tokenizer from local files.
+) -> tuple[TextConfig, dict, clip_tokenizer.Tokenizer | siglip_tokenizer.Tokenizer]:
+  """CLIP or SigLIP text tower and its tokenizer from local files.
 
   Args:
-    path: a transformers folder (`config.json`, `model.safetensors`,
-      `vocab.json`, `merges.txt`), an open_clip `.safetensors` file, or a
-      folder holding exactly one open_clip `.safetensors` (and its tokenizer
-      files: `bpe_simple_vocab_16e6.txt.gz` or `vocab.json` + `merges.txt`).
+    path: a transformers folder (`config.json`, `model.safetensors`; CLIP:
+      `vocab.json` + `merges.txt` or `tokenizer.json`; SigLIP / SigLIP 2:
+      Gemma's `tokenizer.json` + `tokenizer_config.json`), an open_clip
+      `.safetensors` file, or a folder holding exactly one open_clip
+      `.safetensors` (and its tokenizer files: `bpe_simple_vocab_16e6.txt.gz`
+      or `vocab.json` + `merges.txt`).
     tokenizer_path: where the tokenizer files are, if elsewhere (a folder or
       the `.gz`).
     hidden_act, heads: open_clip only, see `from_open_clip`.
@@ -761,7 +536,8 @@ def load_clip_text(
   Returns:
     (config, params, tokenizer); params {"params": ...} for
     `TextTransformer(config).apply`, the tokenizer's context length the
-    model's.
+    model's. The tokenizer is a `clip_tokenizer.Tokenizer` for CLIP and a
+    `siglip_tokenizer.Tokenizer` for SigLIP (config.pool "last").
 
   Raises:
     CheckpointError: missing files, another architecture, or shape mismatches.
@@ -785,7 +561,9 @@ def load_clip_text(
       weights = candidates[0]
     config, params = from_open_clip(weights, hidden_act=hidden_act, heads=heads)
     tokenizer_dir = weights.parent
-  tokenizer = load_tokenizer(tokenizer_path or tokenizer_dir, config.context_length)
+  # Only SigLIP towers pool the last position; they use SigLIP 2's Gemma tokenizer.
+  family = siglip_tokenizer if config.pool == "last" else clip_tokenizer
+  tokenizer = family.load_tokenizer(tokenizer_path or tokenizer_dir, config.context_length)
   if tokenizer.vocab_size > config.vocab_size:
     raise CheckpointError(
       f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the model embeds {config.vocab_size}"
@@ -793,6 +571,6 @@ def load_clip_text(
   if config.eos_token_id is not None and config.eos_token_id != tokenizer.eot_id:
     raise CheckpointError(
       f"{path}: the model pools at eos_token_id {config.eos_token_id}, the tokenizer's "
-      f"{EOT} is {tokenizer.eot_id}"
+      f"{clip_tokenizer.EOT} is {tokenizer.eot_id}"
     )
   return config, params, tokenizer

@@ -16,13 +16,8 @@ keeps, plus the reference outputs the parity tests compare with `transformers`.
     features are the last block's patch tokens before the final norm (ScaLR's
     choice, `dense_output="tokens_prenorm"`) or after it (`"tokens_postnorm"`).
 
-Position embeddings are trained on a square grid (`pos_grid`) and resampled to
-the input's grid with PyTorch's bicubic interpolation, reproduced exactly here
-(`torch_bicubic_weights`): `jax.image.resize` uses Keys' a = -0.5 kernel while
-torch uses a = -0.75 with clamped borders, and its antialiased variant (the
-one DINOv2-with-registers uses) yet another filter; the differences are far
-above float32 noise. The interpolation is a pair of (static) matrices applied
-to the embedding table, so it costs nothing at run time and stays jit-friendly.
+Position embeddings are resampled, and RoPE and NACLIP's window computed, by
+`positions.py`.
 
 Weights are imported from local files by `vit_import.py`. Images are NHWC here
 (torch is NCHW); the importer transposes the patch-embedding kernel.
@@ -38,13 +33,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reldistill_jax.models import positions
+
 # Pixel statistics of each family's training data (RGB, on [0, 1] pixels).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
 
-DENSE_OUTPUTS = ("maskclip", "tokens_prenorm", "tokens_postnorm")
+# Dense rules of text-aligned towers (CLIP, SigLIP): the last block changed
+# so that patch features stay in the image-text space (module docstring).
+TEXT_DENSE = ("maskclip", "sclip", "clearclip", "naclip")
+DENSE_OUTPUTS = (*TEXT_DENSE, "tokens_prenorm", "tokens_postnorm")
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -52,9 +54,12 @@ def quick_gelu(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+# transformers' ACT2FN names.
 ACTIVATIONS = {
   "quick_gelu": quick_gelu,
   "gelu": functools.partial(nn.gelu, approximate=False),
+  "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
+  "silu": nn.silu,
 }
 
 
@@ -77,15 +82,26 @@ class ViTConfig:
     num_registers: register tokens, inserted after the class token without
       position embeddings (DINOv2 with registers); 0 for none.
     proj_dim: CLIP's visual projection (D); None when the tower has none.
+    head: `"map"` for SigLIP's attention-pooling head (a learned probe
+      attends over the normed tokens, then a residual MLP); None otherwise.
     patch_bias: whether the patch embedding has a bias (DINOv2 yes, CLIP no).
-    qkv_bias: whether the query, key and value projections have biases.
+    qkv_bias: whether the query, key and value projections have biases: one
+      bool for all three or a (query, key, value) triple (DINOv3: no key bias).
+    out_bias: whether the attention output projection has a bias.
+    mlp_bias: whether the MLP layers have biases.
+    gated_mlp: a gated MLP, proj(act(gate(x)) * fc(x)) (DINOv3's SwiGLU sizes).
+    rope_theta: RoPE base (DINOv3): the patch tokens' queries and keys are
+      rotated by their centre coordinates (normalised to [-1, 1] per axis), and
+      there is no position-embedding table; None for learned embeddings.
     pos_interpolation_offset: 0 resamples position embeddings to the target
       size (`transformers`); > 0 reproduces the original DINOv2 code, which
       passes `scale_factor=(g + offset) / g0` to torch (offset 0.1).
     pos_interpolation_antialias: torch's antialiased bicubic (DINOv2 with
       registers) instead of the plain one.
-    dense_output: which per-patch map `ViT` returns as its features:
-      `maskclip` (needs proj_dim), `tokens_prenorm` or `tokens_postnorm`.
+    dense_output: which per-patch map `ViT` returns as its features: a
+      `TEXT_DENSE` rule (needs proj_dim or the SigLIP head), `tokens_prenorm`
+      or `tokens_postnorm`.
+    naclip_std: standard deviation, in patches, of NACLIP's Gaussian window.
     pixel_mean, pixel_std: RGB statistics for `normalize_pixels`.
   """
 
@@ -102,11 +118,17 @@ class ViTConfig:
   class_token: bool = True
   num_registers: int = 0
   proj_dim: int | None = None
+  head: str | None = None
   patch_bias: bool = True
-  qkv_bias: bool = True
+  qkv_bias: bool | tuple[bool, bool, bool] = True
+  out_bias: bool = True
+  mlp_bias: bool = True
+  gated_mlp: bool = False
+  rope_theta: float | None = None
   pos_interpolation_offset: float = 0.0
   pos_interpolation_antialias: bool = False
   dense_output: str = "tokens_prenorm"
+  naclip_std: float = 5.0
   pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
   pixel_std: tuple[float, float, float] = IMAGENET_STD
 
@@ -117,8 +139,18 @@ class ViTConfig:
       raise ValueError(f"unknown activation {self.activation!r}; choose from {sorted(ACTIVATIONS)}")
     if self.dense_output not in DENSE_OUTPUTS:
       raise ValueError(f"unknown dense_output {self.dense_output!r}; choose from {DENSE_OUTPUTS}")
-    if self.dense_output == "maskclip" and self.proj_dim is None:
-      raise ValueError("dense_output='maskclip' needs a visual projection (proj_dim)")
+    if self.head not in (None, "map"):
+      raise ValueError(f"unknown head {self.head!r}; choose 'map' or None")
+    if self.dense_output in TEXT_DENSE and not self.text_aligned:
+      raise ValueError(
+        f"dense_output={self.dense_output!r} needs an image-text tower (a projection or a "
+        "SigLIP head); use tokens_prenorm or tokens_postnorm"
+      )
+    bias = self.qkv_bias
+    bias = (bias,) * 3 if isinstance(bias, bool) else tuple(bool(b) for b in bias)
+    if len(bias) != 3:
+      raise ValueError(f"qkv_bias must be one bool or three, got {self.qkv_bias!r}")
+    object.__setattr__(self, "qkv_bias", bias)
     # Tuples keep the config hashable when built from JSON lists.
     object.__setattr__(self, "pos_grid", tuple(int(g) for g in self.pos_grid))
     object.__setattr__(self, "pixel_mean", tuple(float(m) for m in self.pixel_mean))
@@ -130,9 +162,16 @@ class ViTConfig:
     return int(self.class_token) + self.num_registers
 
   @property
+  def text_aligned(self) -> bool:
+    """Whether the tower maps images into an image-text space (CLIP, SigLIP)."""
+    return self.proj_dim is not None or self.head == "map"
+
+  @property
   def out_dim(self) -> int:
     """Channels of the dense feature map."""
-    return self.proj_dim if self.dense_output == "maskclip" else self.width
+    if self.dense_output in TEXT_DENSE and self.proj_dim is not None:
+      return self.proj_dim
+    return self.width
 
 
 def clip_config(
@@ -172,6 +211,46 @@ def dinov2_config(width: int, layers: int, heads: int, **overrides) -> ViTConfig
   return ViTConfig(**(kwargs | overrides))
 
 
+def siglip_config(
+  width: int, layers: int, heads: int, mlp_dim: int, patch_size: int, pos_grid: int, **overrides
+) -> ViTConfig:
+  """A SigLIP / SigLIP 2 image tower (no class token, tanh GELU, the pooling head)."""
+  kwargs = dict(
+    patch_size=patch_size,
+    width=width,
+    layers=layers,
+    heads=heads,
+    mlp_dim=mlp_dim,
+    pos_grid=(pos_grid, pos_grid),
+    activation="gelu_pytorch_tanh",
+    class_token=False,
+    head="map",
+    dense_output="maskclip",
+    pixel_mean=SIGLIP_MEAN,
+    pixel_std=SIGLIP_STD,
+  )
+  return ViTConfig(**(kwargs | overrides))
+
+
+def dinov3_config(width: int, layers: int, heads: int, **overrides) -> ViTConfig:
+  """A DINOv3 tower (patch 16, RoPE, 4 registers, LayerScale, no key bias, normed tokens)."""
+  kwargs = dict(
+    patch_size=16,
+    width=width,
+    layers=layers,
+    heads=heads,
+    mlp_dim=4 * width,
+    pos_grid=(14, 14),
+    layer_norm_eps=1e-5,
+    layer_scale=True,
+    num_registers=4,
+    qkv_bias=(True, False, True),
+    rope_theta=100.0,
+    dense_output="tokens_postnorm",
+  )
+  return ViTConfig(**(kwargs | overrides))
+
+
 # The public checkpoints' architectures, for shape-only use (sizes, feature
 # store layout); real weights come with their config from `vit_import`.
 VARIANTS = {
@@ -181,6 +260,14 @@ VARIANTS = {
   "dinov2_s14": dinov2_config(384, 12, 6),
   "dinov2_b14": dinov2_config(768, 12, 12),
   "dinov2_l14": dinov2_config(1024, 24, 16),
+  "siglip2_b16": siglip_config(768, 12, 12, 3072, 16, 14),
+  "siglip2_l16": siglip_config(1024, 24, 16, 4096, 16, 16),
+  "siglip2_so400m14": siglip_config(1152, 27, 16, 4304, 14, 16),
+  "siglip2_so400m16": siglip_config(1152, 27, 16, 4304, 16, 16),
+  "siglip2_g16": siglip_config(1536, 40, 16, 6144, 16, 16),
+  "dinov3_s16": dinov3_config(384, 12, 6),
+  "dinov3_b16": dinov3_config(768, 12, 12),
+  "dinov3_l16": dinov3_config(1024, 24, 16),
 }
 
 
@@ -243,72 +330,6 @@ def normalize_pixels(images: jax.Array, config: ViTConfig) -> jax.Array:
   return (jnp.asarray(images).astype(jnp.float32) / 255.0 - mean) / std
 
 
-def _cubic(x: np.ndarray, a: float) -> np.ndarray:
-  """Keys' cubic convolution kernel with parameter a, zero outside |x| < 2."""
-  x = np.abs(x)
-  near = ((a + 2) * x - (a + 3)) * x * x + 1
-  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-  return np.where(x < 1, near, np.where(x < 2, far, 0)).astype(x.dtype)
-
-
-def torch_bicubic_weights(
-  in_size: int,
-  out_size: int,
-  scale_factor: float | None = None,
-  antialias: bool = False,
-) -> np.ndarray:
-  """The (out_size, in_size) matrix of torch's 1-D bicubic resampling.
-
-  `torch.nn.functional.interpolate(x, mode="bicubic", align_corners=False)`
-  is separable: along each axis it is `weights @ x` with this matrix.
-
-  Args:
-    in_size: input length.
-    out_size: output length.
-    scale_factor: the `scale_factor` passed to torch, if any: torch then maps
-      output to input coordinates with 1 / scale_factor instead of
-      in_size / out_size (DINOv2's offset quirk relies on this).
-    antialias: torch's `antialias=True` path: a PIL-style filter (a = -0.5)
-      whose support widens by the downscale factor, weights renormalised at
-      the borders, and an axis of unchanged length copied. Otherwise torch's
-      plain bicubic (a = -0.75, four taps, border indices clamped).
-
-  Returns:
-    float32 (out_size, in_size) weights; each row sums to one.
-  """
-  if antialias and in_size == out_size:
-    # Torch's separable antialiased kernel skips axes whose size is unchanged,
-    # whatever the scale factor.
-    return np.eye(out_size, dtype=np.float32)
-  weights = np.zeros((out_size, in_size), np.float32)
-  rows = np.arange(out_size)
-  if antialias:
-    scale = 1.0 / scale_factor if scale_factor else in_size / out_size
-    support = 2.0 * scale if scale >= 1.0 else 2.0
-    invscale = 1.0 / scale if scale >= 1.0 else 1.0
-    for i in rows:
-      center = scale * (i + 0.5)
-      # C++ truncation toward zero, as torch's index computation.
-      lo = max(int(center - support + 0.5), 0)
-      hi = min(int(center + support + 0.5), in_size)
-      w = _cubic((np.arange(lo, hi) - center + 0.5) * invscale, -0.5)
-      weights[i, lo:hi] = w / w.sum() if w.sum() != 0 else w
-    return weights
-  # Torch computes the coordinates in float32 (its opmath type for float input).
-  if scale_factor:
-    scale = np.float32(1.0 / scale_factor)
-  else:
-    scale = np.float32(in_size) / np.float32(out_size)
-  src = scale * (rows.astype(np.float32) + np.float32(0.5)) - np.float32(0.5)
-  base = np.floor(src)
-  t = src - base
-  taps = np.stack([t + 1, t, 1 - t, 2 - t], axis=1)  # distances to the 4 taps
-  coeffs = _cubic(taps, -0.75)
-  index = np.clip(base.astype(np.int64)[:, None] + np.arange(-1, 3)[None, :], 0, in_size - 1)
-  np.add.at(weights, (np.repeat(rows, 4), index.reshape(-1)), coeffs.reshape(-1))
-  return weights
-
-
 def _resample_weights(config: ViTConfig, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
   """Row and column matrices mapping the trained position grid to `grid`."""
   weights = []
@@ -320,7 +341,9 @@ def _resample_weights(config: ViTConfig, grid: tuple[int, int]) -> tuple[np.ndar
       scale_factor = (g + config.pos_interpolation_offset) / g0
       if math.floor(g0 * scale_factor) != g:
         raise ValueError(f"offset {config.pos_interpolation_offset} does not resize {g0} to {g}")
-    weights.append(torch_bicubic_weights(g0, g, scale_factor, config.pos_interpolation_antialias))
+    weights.append(
+      positions.torch_bicubic_weights(g0, g, scale_factor, config.pos_interpolation_antialias)
+    )
   return weights[0], weights[1]
 
 
@@ -370,13 +393,13 @@ class Block(nn.Module):
     cfg = self.config
     dense = functools.partial(nn.Dense, dtype=self.dtype)
     self.ln_1 = _layer_norm(cfg, self.dtype)
-    self.query = dense(cfg.width, use_bias=cfg.qkv_bias)
-    self.key = dense(cfg.width, use_bias=cfg.qkv_bias)
-    self.value = dense(cfg.width, use_bias=cfg.qkv_bias)
-    self.out = dense(cfg.width)
+    self.query, self.key, self.value = (dense(cfg.width, use_bias=b) for b in cfg.qkv_bias)
+    self.out = dense(cfg.width, use_bias=cfg.out_bias)
     self.ln_2 = _layer_norm(cfg, self.dtype)
-    self.mlp_fc = dense(cfg.mlp_dim)
-    self.mlp_proj = dense(cfg.width)
+    self.mlp_fc = dense(cfg.mlp_dim, use_bias=cfg.mlp_bias)
+    if cfg.gated_mlp:
+      self.mlp_gate = dense(cfg.mlp_dim, use_bias=cfg.mlp_bias)
+    self.mlp_proj = dense(cfg.width, use_bias=cfg.mlp_bias)
     if cfg.layer_scale:
       self.ls_1 = self.param("ls_1", nn.initializers.ones, (cfg.width,), jnp.float32)
       self.ls_2 = self.param("ls_2", nn.initializers.ones, (cfg.width,), jnp.float32)
@@ -386,34 +409,98 @@ class Block(nn.Module):
       return y
     return y * getattr(self, gamma_name).astype(y.dtype)
 
-  def value_path(self, x: jax.Array) -> jax.Array:
-    """out(value(ln_1(x))): the attention branch with each token seeing only itself.
+  def _heads(self, x: jax.Array, rope) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(q, k, v), each (B, T, heads, head_dim), of the normed input; RoPE on q and k."""
+    b, t, c = x.shape
+    h = self.ln_1(x)
+    split = lambda y: y.reshape(b, t, self.config.heads, c // self.config.heads)
+    q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
+    if rope is not None:
+      q, k = positions.apply_rope(q, rope), positions.apply_rope(k, rope)
+    return q, k, v
+
+  def _mlp(self, x: jax.Array) -> jax.Array:
+    act = ACTIVATIONS[self.config.activation]
+    if self.config.gated_mlp:
+      return self.mlp_proj(act(self.mlp_gate(x)) * self.mlp_fc(x))
+    return self.mlp_proj(act(self.mlp_fc(x)))
+
+  def __call__(self, x: jax.Array, rope=None) -> jax.Array:
+    """(B, T, C) -> (B, T, C); rope: `rope_tables` of the grid, or None."""
+    q, k, v = self._heads(x, rope)
+    attn = jax.nn.dot_product_attention(q, k, v)  # (B, T, heads, C // heads)
+    x = x + self._scale(self.out(attn.reshape(x.shape)), "ls_1")
+    return x + self._scale(self._mlp(self.ln_2(x)), "ls_2")
+
+  def dense(self, x: jax.Array, rule: str, window=None, rope=None) -> jax.Array:
+    """The block as a `TEXT_DENSE` rule changes it (module docstring).
 
     Args:
       x: (B, T, C) block input.
+      rule: maskclip, sclip, clearclip or naclip.
+      window: NACLIP's (T, T) `naclip_window`.
+      rope: as `__call__`.
 
     Returns:
-      (B, T, C), without LayerScale or residual (MaskCLIP's dense path).
+      (B, T, C) for every token.
     """
-    return self.out(self.value(self.ln_1(x)))
+    q, k, v = self._heads(x, rope)
+    if rule == "maskclip":
+      return self.out(v.reshape(x.shape))
+    scale = q.shape[-1] ** -0.5
+    similarity = lambda a, b: jnp.einsum("bqhd,bkhd->bhqk", a, b) * scale
+    if rule == "sclip":
+      attn = jax.nn.softmax(similarity(q, q), -1) + jax.nn.softmax(similarity(k, k), -1)
+    elif rule == "clearclip":
+      attn = jax.nn.softmax(similarity(q, q), -1)
+    elif rule == "naclip":
+      attn = jax.nn.softmax(similarity(k, k) + jnp.asarray(window, k.dtype), -1)
+    else:
+      raise ValueError(f"unknown dense rule {rule!r}; choose from {TEXT_DENSE}")
+    y = self.out(jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(x.shape))
+    if rule != "sclip":
+      return y  # ClearCLIP and NACLIP drop the residual and the MLP
+    y = x + self._scale(y, "ls_1")
+    return y + self._scale(self._mlp(self.ln_2(y)), "ls_2")
+
+
+class MapHead(nn.Module):
+  """SigLIP's attention-pooling head: a probe attends over the tokens, then a residual MLP."""
+
+  config: ViTConfig
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    dense = functools.partial(nn.Dense, cfg.width, dtype=self.dtype)
+    self.probe = self.param("probe", nn.initializers.normal(0.02), (cfg.width,), jnp.float32)
+    self.query, self.key, self.value, self.out = dense(), dense(), dense(), dense()
+    self.ln = _layer_norm(cfg, self.dtype)
+    self.mlp_fc = nn.Dense(cfg.mlp_dim, dtype=self.dtype)
+    self.mlp_proj = dense()
+
+  def _residual_mlp(self, u: jax.Array) -> jax.Array:
+    act = ACTIVATIONS[self.config.activation]
+    return u + self.mlp_proj(act(self.mlp_fc(self.ln(u))))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """(B, T, C) -> (B, T, C)."""
+    """(B, T, C) normed tokens -> (B, C), `pooler_output` of transformers."""
     b, t, c = x.shape
     heads = self.config.heads
-    h = self.ln_1(x)
+    query = self.query(self.probe.astype(self.dtype)).reshape(1, 1, heads, c // heads)
     split = lambda y: y.reshape(b, t, heads, c // heads)
     attn = jax.nn.dot_product_attention(
-      split(self.query(h)), split(self.key(h)), split(self.value(h))
-    )  # (B, T, heads, C // heads)
-    x = x + self._scale(self.out(attn.reshape(b, t, c)), "ls_1")
-    act = ACTIVATIONS[self.config.activation]
-    y = self.mlp_proj(act(self.mlp_fc(self.ln_2(x))))
-    return x + self._scale(y, "ls_2")
+      jnp.broadcast_to(query, (b, 1, heads, c // heads)), split(self.key(x)), split(self.value(x))
+    )
+    return self._residual_mlp(self.out(attn.reshape(b, c)))
+
+  def value_path(self, x: jax.Array) -> jax.Array:
+    """(..., C) -> (..., C): the head with each token attending only to itself."""
+    return self._residual_mlp(self.out(self.value(x)))
 
 
 class ViT(nn.Module):
-  """A CLIP or DINOv2 image tower.
+  """A CLIP, SigLIP, DINOv2 or DINOv3 image tower.
 
   Attributes:
     config: the architecture (see `ViTConfig`).
@@ -422,6 +509,42 @@ class ViT(nn.Module):
 
   config: ViTConfig
   dtype: Any = jnp.float32
+
+  def _embed(self, images: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
+    """(B, T, C) tokens (prefix, then row-major patches) and the patch grid."""
+    cfg = self.config
+    b, height, width, _ = images.shape
+    grid = grid_size((height, width), cfg.patch_size)
+    p = cfg.patch_size
+    x = nn.Conv(
+      cfg.width,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      use_bias=cfg.patch_bias,
+      dtype=self.dtype,
+      name="patch_embed",
+    )(images)  # (B, h, w, C)
+    x = x.reshape(b, grid[0] * grid[1], cfg.width)
+    init = nn.initializers.normal(0.02)
+    cls_pos = 0.0
+    if cfg.rope_theta is None:
+      num_pos = cfg.pos_grid[0] * cfg.pos_grid[1] + int(cfg.class_token)
+      pos = self.param("pos_embed", init, (num_pos, cfg.width), jnp.float32)
+      patch_pos = resample_pos_embed(pos[int(cfg.class_token) :], cfg, grid, height == width)
+      x = x + patch_pos.astype(self.dtype)
+      cls_pos = pos[0]
+    prefix = []
+    if cfg.class_token:
+      cls = self.param("cls_token", init, (cfg.width,), jnp.float32)
+      prefix.append(jnp.broadcast_to((cls + cls_pos).astype(self.dtype), (b, 1, cfg.width)))
+    if cfg.num_registers:
+      registers = self.param("register_tokens", init, (cfg.num_registers, cfg.width), jnp.float32)
+      prefix.append(jnp.broadcast_to(registers.astype(self.dtype), (b, *registers.shape)))
+    x = jnp.concatenate([*prefix, x], axis=1)  # (B, T, C)
+    if cfg.pre_norm:
+      x = _layer_norm(cfg, self.dtype, "ln_pre")(x)
+    return x, grid
 
   @nn.compact
   def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -437,67 +560,49 @@ class ViT(nn.Module):
       `config.dense_output`, with (h, w) = (H // p, W // p). aux holds
         `tokens`: (B, T, C) output of the last block before the final norm
           (`hidden_states[-1]` of `transformers`), T = prefix tokens + h * w;
-        `tokens_normed`: (B, T, C) the same after the final norm (DINOv2's
-          `last_hidden_state`);
-        `pooled`: (B, C) the normed class token (`pooler_output`), with a
-          class token;
-        `image_embeds`: (B, D) `proj(pooled)` (`CLIPModel.get_image_features`),
-          with a projection;
-        `maskclip`: (B, h, w, D) MaskCLIP dense features, with a projection.
+        `tokens_normed`: (B, T, C) the same after the final norm
+          (`last_hidden_state`);
+        `pooled`: (B, C) the normed class token, or SigLIP's head output
+          (`pooler_output`), when the tower has either;
+        `image_embeds`: (B, D) the image embedding of an image-text tower
+          (`get_image_features`): `proj(pooled)` for CLIP, `pooled` for SigLIP.
     """
     cfg = self.config
-    b, height, width, _ = images.shape
-    grid = grid_size((height, width), cfg.patch_size)
-    p = cfg.patch_size
-    x = nn.Conv(
-      cfg.width,
-      (p, p),
-      strides=(p, p),
-      padding="VALID",
-      use_bias=cfg.patch_bias,
-      dtype=self.dtype,
-      name="patch_embed",
-    )(images)  # (B, h, w, C)
-    x = x.reshape(b, grid[0] * grid[1], cfg.width)
-
-    num_pos = cfg.pos_grid[0] * cfg.pos_grid[1] + int(cfg.class_token)
-    init = nn.initializers.normal(0.02)
-    pos = self.param("pos_embed", init, (num_pos, cfg.width), jnp.float32)
-    patch_pos = resample_pos_embed(pos[int(cfg.class_token) :], cfg, grid, height == width)
-    x = x + patch_pos.astype(self.dtype)
-    prefix = []
-    if cfg.class_token:
-      cls = self.param("cls_token", init, (cfg.width,), jnp.float32)
-      prefix.append(jnp.broadcast_to((cls + pos[0]).astype(self.dtype), (b, 1, cfg.width)))
-    if cfg.num_registers:
-      registers = self.param("register_tokens", init, (cfg.num_registers, cfg.width), jnp.float32)
-      prefix.append(jnp.broadcast_to(registers.astype(self.dtype), (b, *registers.shape)))
-    x = jnp.concatenate([*prefix, x], axis=1)  # (B, T, C)
-    if cfg.pre_norm:
-      x = _layer_norm(cfg, self.dtype, "ln_pre")(x)
-
+    x, grid = self._embed(images)
+    rope = None
+    if cfg.rope_theta is not None:
+      rope = positions.rope_tables(grid, cfg.width // cfg.heads, cfg.rope_theta)
     blocks = [Block(cfg, self.dtype, name=f"block{i}") for i in range(cfg.layers)]
     for block in blocks[:-1]:
-      x = block(x)
+      x = block(x, rope)
     last_input = x
-    x = blocks[-1](x)
+    x = blocks[-1](x, rope)
 
     ln_post = _layer_norm(cfg, self.dtype, "ln_post")
     aux = {"tokens": x, "tokens_normed": ln_post(x)}
-    if cfg.class_token:
+    to_text_space = None
+    if cfg.head == "map":
+      head = MapHead(cfg, self.dtype, name="head")
+      aux["pooled"] = aux["image_embeds"] = head(aux["tokens_normed"])
+      to_text_space = head.value_path
+    elif cfg.class_token:
       aux["pooled"] = aux["tokens_normed"][:, 0]
     if cfg.proj_dim is not None:
-      proj = nn.Dense(cfg.proj_dim, use_bias=False, dtype=self.dtype, name="proj")
+      to_text_space = nn.Dense(cfg.proj_dim, use_bias=False, dtype=self.dtype, name="proj")
       if cfg.class_token:
-        aux["image_embeds"] = proj(aux["pooled"])
-      values = blocks[-1].value_path(last_input[:, cfg.num_prefix_tokens :])
-      aux["maskclip"] = proj(ln_post(values)).reshape(b, *grid, cfg.proj_dim)
-    if cfg.dense_output == "maskclip":
-      features = aux["maskclip"]
+        aux["image_embeds"] = to_text_space(aux["pooled"])
+
+    prefix = cfg.num_prefix_tokens
+    if cfg.dense_output in TEXT_DENSE:
+      window = None
+      if cfg.dense_output == "naclip":
+        window = positions.naclip_window(grid, prefix, cfg.naclip_std)
+      y = blocks[-1].dense(last_input, cfg.dense_output, window, rope)[:, prefix:]
+      features = to_text_space(ln_post(y))
     else:
       key = "tokens" if cfg.dense_output == "tokens_prenorm" else "tokens_normed"
-      features = aux[key][:, cfg.num_prefix_tokens :].reshape(b, *grid, cfg.width)
-    return features, aux
+      features = aux[key][:, prefix:]
+    return features.reshape(x.shape[0], *grid, features.shape[-1]), aux
 
 
 def param_count(config: ViTConfig) -> int:
@@ -510,4 +615,4 @@ def param_count(config: ViTConfig) -> int:
 
 if __name__ == "__main__":
   for name, cfg in VARIANTS.items():
-    print(f"{name:13s} {param_count(cfg) / 1e6:8.2f}M parameters, {cfg.out_dim}-d dense features")
+    print(f"{name:17s} {param_count(cfg) / 1e6:8.2f}M parameters, {cfg.out_dim}-d dense features")

@@ -1,4 +1,4 @@
-"""Importing CLIP and DINOv2 image towers into `vit.ViT` from local files.
+"""Importing CLIP, SigLIP, DINOv2 and DINOv3 image towers into `vit.ViT` from local files.
 
 Three layouts are read, all with `checkpoints.read_safetensors` (no torch):
 
@@ -13,6 +13,9 @@ Three layouts are read, all with `checkpoints.read_safetensors` (no torch):
     the weights: it is read from an `open_clip_config.json` beside the file,
     or must be given (OpenAI weights use QuickGELU, LAION/DataComp ones GELU).
   * Hugging Face DINOv2: `Dinov2Model` or `Dinov2WithRegistersModel`.
+  * Hugging Face SigLIP / SigLIP 2 at a fixed resolution: `SiglipModel` or
+    `SiglipVisionModel` (with its attention-pooling head).
+  * Hugging Face DINOv3: `DINOv3ViTModel` (RoPE, registers, LayerScale).
 
 Each loader returns `(config, params)`: a `vit.ViTConfig` and the Linen
 parameter pytree, used as `ViT(config).apply({"params": params}, images)`.
@@ -25,106 +28,12 @@ import json
 import pathlib
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from reldistill_jax.models import checkpoints, vit
+from reldistill_jax.models import checkpoints, tower_import, vit
 from reldistill_jax.models.checkpoints import CheckpointError
 
 _OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
-
-
-class _Reader:
-  """`checkpoints.take` that remembers which tensors were consumed."""
-
-  def __init__(self, tensors: dict[str, np.ndarray], source: str):
-    self.tensors = tensors
-    self.source = source
-    self.used: set[str] = set()
-
-  def take(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    value = checkpoints.take(self.tensors, name, shape, self.source)
-    self.used.add(name)
-    return value
-
-  def dense(self, name: str, din: int, dout: int, bias: bool = True) -> dict[str, np.ndarray]:
-    """A torch Linear (out, in) as a Flax Dense (kernel (in, out))."""
-    params = {"kernel": self.take(f"{name}.weight", (dout, din)).T}
-    if bias:
-      params["bias"] = self.take(f"{name}.bias", (dout,))
-    return params
-
-  def norm(self, name: str, dim: int) -> dict[str, np.ndarray]:
-    return {"scale": self.take(f"{name}.weight", (dim,)), "bias": self.take(f"{name}.bias", (dim,))}
-
-  def conv(self, name: str, config: vit.ViTConfig) -> np.ndarray:
-    """A torch Conv2d kernel (C, 3, p, p) as a Flax NHWC kernel (p, p, 3, C)."""
-    p = config.patch_size
-    return self.take(name, (config.width, 3, p, p)).transpose(2, 3, 1, 0)
-
-  def check_all_used(self, prefix: str, ignore: tuple[str, ...] = ()) -> None:
-    left = sorted(
-      k
-      for k in self.tensors
-      if k.startswith(prefix) and k not in self.used and not any(i in k for i in ignore)
-    )
-    if left:
-      raise CheckpointError(
-        f"{self.source}: {len(left)} tensors of an unsupported variant were not imported, "
-        f"e.g. {left[:4]}"
-      )
-
-
-def _read_hf_tensors(folder: pathlib.Path) -> tuple[dict[str, np.ndarray], str]:
-  """The tensors of a Hugging Face folder (single or sharded safetensors)."""
-  single = folder / "model.safetensors"
-  index = folder / "model.safetensors.index.json"
-  if single.is_file():
-    return checkpoints.read_safetensors(single), str(single)
-  if index.is_file():
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    tensors = {}
-    for shard in shards:
-      tensors |= checkpoints.read_safetensors(folder / shard)
-    return tensors, str(index)
-  raise CheckpointError(f"{folder}: model.safetensors not found (nor a sharded index)")
-
-
-def _describe(config_json: dict) -> str:
-  return f"model_type {config_json.get('model_type')!r}, architectures {config_json.get('architectures')}"
-
-
-def _to_jax(config: vit.ViTConfig, params: dict, source: str) -> dict:
-  """The imported tree as jax arrays, checked against the model's own tree."""
-  p = config.patch_size
-  images = jax.ShapeDtypeStruct((1, config.pos_grid[0] * p, config.pos_grid[1] * p, 3), jnp.float32)
-  expected = jax.eval_shape(vit.ViT(config).init, jax.random.key(0), images)["params"]
-  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree.leaves_with_path(expected)}
-  have = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree.leaves_with_path(params)}
-  if want != have:
-    diff = sorted(set(want.items()) ^ set(have.items()))
-    raise CheckpointError(f"{source}: imported parameters do not fit the model: {diff[:4]}")
-  return jax.tree.map(jnp.asarray, params)
-
-
-def _block(reader: _Reader, config: vit.ViTConfig, names: dict[str, str]) -> dict:
-  """One block from torch names ({ours: theirs} for the Linear/LayerNorm layers)."""
-  c, m = config.width, config.mlp_dim
-  params = {
-    "ln_1": reader.norm(names["ln_1"], c),
-    "query": reader.dense(names["query"], c, c, config.qkv_bias),
-    "key": reader.dense(names["key"], c, c, config.qkv_bias),
-    "value": reader.dense(names["value"], c, c, config.qkv_bias),
-    "out": reader.dense(names["out"], c, c),
-    "ln_2": reader.norm(names["ln_2"], c),
-    "mlp_fc": reader.dense(names["mlp_fc"], c, m),
-    "mlp_proj": reader.dense(names["mlp_proj"], m, c),
-  }
-  if config.layer_scale:
-    params["ls_1"] = reader.take(names["ls_1"], (c,))
-    params["ls_2"] = reader.take(names["ls_2"], (c,))
-  return params
 
 
 def load_clip_vision(
@@ -164,9 +73,9 @@ def _load_hf_clip(folder: pathlib.Path) -> tuple[vit.ViTConfig, dict]:
   else:
     raise CheckpointError(
       f"{folder}: expected a CLIP checkpoint (model_type 'clip' or 'clip_vision_model'), "
-      f"found {_describe(config_json)}"
+      f"found {tower_import.describe(config_json)}"
     )
-  tensors, source = _read_hf_tensors(folder)
+  tensors, source = tower_import.read_hf_tensors(folder)
   # CLIPModel and older CLIPVisionModel files prefix the tower with `vision_model.`.
   pre = "vision_model." if any(k.startswith("vision_model.") for k in tensors) else ""
   has_proj = "visual_projection.weight" in tensors
@@ -192,7 +101,7 @@ def _load_hf_clip(folder: pathlib.Path) -> tuple[vit.ViTConfig, dict]:
     layer_norm_eps=vision.get("layer_norm_eps", 1e-5),
     dense_output="maskclip" if has_proj else "tokens_prenorm",
   )
-  reader = _Reader(tensors, source)
+  reader = tower_import.Reader(tensors, source)
   emb = f"{pre}embeddings"
   params = {
     "patch_embed": {"kernel": reader.conv(f"{emb}.patch_embedding.weight", config)},
@@ -202,23 +111,13 @@ def _load_hf_clip(folder: pathlib.Path) -> tuple[vit.ViTConfig, dict]:
     "ln_post": reader.norm(f"{pre}post_layernorm", width),
   }
   for i in range(config.layers):
-    layer = f"{pre}encoder.layers.{i}"
-    names = {
-      "ln_1": f"{layer}.layer_norm1",
-      "query": f"{layer}.self_attn.q_proj",
-      "key": f"{layer}.self_attn.k_proj",
-      "value": f"{layer}.self_attn.v_proj",
-      "out": f"{layer}.self_attn.out_proj",
-      "ln_2": f"{layer}.layer_norm2",
-      "mlp_fc": f"{layer}.mlp.fc1",
-      "mlp_proj": f"{layer}.mlp.fc2",
-    }
-    params[f"block{i}"] = _block(reader, config, names)
+    names = tower_import.clip_block_names(f"{pre}encoder.layers.{i}")
+    params[f"block{i}"] = tower_import.block(reader, config, names)
   if has_proj:
     params["proj"] = reader.dense("visual_projection", width, proj_dim, bias=False)
   reader.check_all_used(f"{pre}embeddings", ("position_ids",))
   reader.check_all_used(f"{pre}encoder")
-  return config, _to_jax(config, params, source)
+  return config, tower_import.to_jax(config, params, source)
 
 
 def _find_open_clip_file(path: pathlib.Path) -> pathlib.Path:
@@ -319,7 +218,7 @@ def load_open_clip_vision(
     layer_scale="visual.transformer.resblocks.0.ls_1.gamma" in tensors,
     **pixels,
   )
-  reader = _Reader(tensors, source)
+  reader = tower_import.Reader(tensors, source)
   params = {
     "patch_embed": {"kernel": reader.conv("visual.conv1.weight", config)},
     "cls_token": reader.take("visual.class_embedding", (width,)),
@@ -350,7 +249,7 @@ def load_open_clip_vision(
       params[f"block{i}"]["ls_1"] = reader.take(f"{block}.ls_1.gamma", (width,))
       params[f"block{i}"]["ls_2"] = reader.take(f"{block}.ls_2.gamma", (width,))
   reader.check_all_used("visual.")
-  return config, _to_jax(config, params, source)
+  return config, tower_import.to_jax(config, params, source)
 
 
 def load_dinov2(folder: str | pathlib.Path) -> tuple[vit.ViTConfig, dict]:
@@ -376,14 +275,14 @@ def load_dinov2(folder: str | pathlib.Path) -> tuple[vit.ViTConfig, dict]:
   if model_type not in ("dinov2", "dinov2_with_registers"):
     raise CheckpointError(
       f"{folder}: expected a DINOv2 checkpoint (model_type 'dinov2' or "
-      f"'dinov2_with_registers'), found {_describe(config_json)}"
+      f"'dinov2_with_registers'), found {tower_import.describe(config_json)}"
     )
   if config_json.get("use_swiglu_ffn", False):
     raise CheckpointError(f"{folder}: the SwiGLU MLP (DINOv2 giant) is not supported")
   activation = config_json.get("hidden_act", "gelu")
   if activation not in vit.ACTIVATIONS:
     raise CheckpointError(f"{folder}: activation {activation!r} is not supported")
-  tensors, source = _read_hf_tensors(folder)
+  tensors, source = tower_import.read_hf_tensors(folder)
   registers = model_type == "dinov2_with_registers"
   width = config_json.get("hidden_size", 768)
   patch = config_json.get("patch_size", 14)
@@ -401,7 +300,7 @@ def load_dinov2(folder: str | pathlib.Path) -> tuple[vit.ViTConfig, dict]:
     num_registers=config_json.get("num_register_tokens", 0) if registers else 0,
     pos_interpolation_antialias=registers,
   )
-  reader = _Reader(tensors, source)
+  reader = tower_import.Reader(tensors, source)
   params = {
     "patch_embed": {
       "kernel": reader.conv("embeddings.patch_embeddings.projection.weight", config),
@@ -438,10 +337,183 @@ def load_dinov2(folder: str | pathlib.Path) -> tuple[vit.ViTConfig, dict]:
       "ls_1": f"{layer}.layer_scale1.lambda1",
       "ls_2": f"{layer}.layer_scale2.lambda1",
     }
-    params[f"block{i}"] = _block(reader, config, names)
+    params[f"block{i}"] = tower_import.block(reader, config, names)
   # The mask token only serves masked-image pretraining.
   reader.check_all_used("", ("mask_token",))
-  return config, _to_jax(config, params, source)
+  return config, tower_import.to_jax(config, params, source)
+
+
+def _vision_section(folder: pathlib.Path, config_json: dict, family: str, types: tuple) -> dict:
+  """The vision config of a two-tower (`vision_config`) or a vision-only config."""
+  model_type = config_json.get("model_type")
+  if model_type == types[0]:
+    return config_json.get("vision_config", {})
+  if model_type == types[1]:
+    return config_json
+  raise CheckpointError(
+    f"{folder}: expected a {family} checkpoint (model_type {types[0]!r} or {types[1]!r}), "
+    f"found {tower_import.describe(config_json)}"
+  )
+
+
+def load_siglip_vision(folder: str | pathlib.Path) -> tuple[vit.ViTConfig, dict]:
+  """A SigLIP / SigLIP 2 image tower from a Hugging Face folder (fixed resolution).
+
+  Reads a `SiglipModel` (model_type `siglip`, the layout of the
+  fixed-resolution SigLIP 2 checkpoints, e.g. siglip2-base-patch16-224) or a
+  `SiglipVisionModel`. Pixel statistics come from `preprocessor_config.json`
+  (default 0.5, 0.5).
+
+  Returns:
+    (config, params) with `dense_output="maskclip"` (the head's value path)
+    when the tower has its pooling head, `tokens_postnorm` otherwise.
+
+  Raises:
+    CheckpointError: for missing files, another architecture (the NaFlex
+      `siglip2` layout included) or a parameter of an unexpected shape.
+  """
+  folder = pathlib.Path(folder)
+  config_json = checkpoints.read_config(folder)
+  if config_json.get("model_type") in ("siglip2", "siglip2_vision_model"):
+    raise CheckpointError(
+      f"{folder}: the SigLIP 2 NaFlex layout (model_type {config_json['model_type']!r}) is not "
+      "supported; use a fixed-resolution SigLIP 2 checkpoint (e.g. siglip2-base-patch16-224)"
+    )
+  vision = _vision_section(folder, config_json, "SigLIP", ("siglip", "siglip_vision_model"))
+  tensors, source = tower_import.read_hf_tensors(folder)
+  width = vision.get("hidden_size", 768)
+  patch = vision.get("patch_size", 16)
+  grid = vision.get("image_size", 224) // patch
+  use_head = vision.get("vision_use_head", True)
+  config = vit.siglip_config(
+    width,
+    vision.get("num_hidden_layers", 12),
+    vision.get("num_attention_heads", 12),
+    vision.get("intermediate_size", 3072),
+    patch,
+    grid,
+    activation=vision.get("hidden_act", "gelu_pytorch_tanh"),
+    layer_norm_eps=vision.get("layer_norm_eps", 1e-6),
+    head="map" if use_head else None,
+    dense_output="maskclip" if use_head else "tokens_postnorm",
+    **tower_import.pixel_stats(folder, vit.SIGLIP_MEAN, vit.SIGLIP_STD),
+  )
+  if config.activation not in vit.ACTIVATIONS:
+    raise CheckpointError(f"{folder}: activation {config.activation!r} is not supported")
+  reader = tower_import.Reader(tensors, source)
+  # SiglipModel files prefix the tower; transformers 5 saves a SiglipVisionModel without it.
+  pre = "vision_model." if any(k.startswith("vision_model.") for k in tensors) else ""
+  params = {
+    "patch_embed": {
+      "kernel": reader.conv(f"{pre}embeddings.patch_embedding.weight", config),
+      "bias": reader.take(f"{pre}embeddings.patch_embedding.bias", (width,)),
+    },
+    "pos_embed": reader.take(f"{pre}embeddings.position_embedding.weight", (grid * grid, width)),
+    "ln_post": reader.norm(f"{pre}post_layernorm", width),
+  }
+  for i in range(config.layers):
+    layer = f"{pre}encoder.layers.{i}"
+    params[f"block{i}"] = tower_import.block(reader, config, tower_import.clip_block_names(layer))
+  if use_head:
+    params["head"] = _siglip_head(reader, config, f"{pre}head")
+  reader.check_all_used(pre, ("position_ids",))
+  return config, tower_import.to_jax(config, params, source)
+
+
+def _siglip_head(reader: tower_import.Reader, config: vit.ViTConfig, head: str) -> dict:
+  """SigLIP's pooling head; torch's MultiheadAttention packs q, k, v in one matrix."""
+  c, m = config.width, config.mlp_dim
+  packed = reader.take(f"{head}.attention.in_proj_weight", (3 * c, c))
+  packed_bias = reader.take(f"{head}.attention.in_proj_bias", (3 * c,))
+  params = {
+    name: {"kernel": packed[i * c : (i + 1) * c].T, "bias": packed_bias[i * c : (i + 1) * c]}
+    for i, name in enumerate(("query", "key", "value"))
+  }
+  return params | {
+    "probe": reader.take(f"{head}.probe", (1, 1, c)).reshape(c),
+    "out": reader.dense(f"{head}.attention.out_proj", c, c),
+    "ln": reader.norm(f"{head}.layernorm", c),
+    "mlp_fc": reader.dense(f"{head}.mlp.fc1", c, m),
+    "mlp_proj": reader.dense(f"{head}.mlp.fc2", m, c),
+  }
+
+
+def load_dinov3(folder: str | pathlib.Path) -> tuple[vit.ViTConfig, dict]:
+  """A DINOv3 ViT from a Hugging Face folder (`DINOv3ViTModel`).
+
+  Returns:
+    (config, params), with `dense_output="tokens_postnorm"` (the patch tokens
+    of `last_hidden_state`; the class token and the registers are dropped).
+    Pixel statistics come from `preprocessor_config.json` (default ImageNet's).
+
+  Raises:
+    CheckpointError: for missing files, another architecture or a parameter
+      of an unexpected shape.
+  """
+  folder = pathlib.Path(folder)
+  config_json = checkpoints.read_config(folder)
+  if config_json.get("model_type") != "dinov3_vit":
+    raise CheckpointError(
+      f"{folder}: expected a DINOv3 ViT checkpoint (model_type 'dinov3_vit'), "
+      f"found {tower_import.describe(config_json)}"
+    )
+  tensors, source = tower_import.read_hf_tensors(folder)
+  width = config_json.get("hidden_size", 384)
+  patch = config_json.get("patch_size", 16)
+  get = config_json.get
+  config = vit.dinov3_config(
+    width,
+    get("num_hidden_layers", 12),
+    get("num_attention_heads", 6),
+    patch_size=patch,
+    mlp_dim=get("intermediate_size", 1536),
+    pos_grid=(get("image_size", 224) // patch,) * 2,
+    activation=get("hidden_act", "gelu"),
+    layer_norm_eps=get("layer_norm_eps", 1e-5),
+    num_registers=get("num_register_tokens", 0),
+    qkv_bias=(get("query_bias", True), get("key_bias", False), get("value_bias", True)),
+    out_bias=get("proj_bias", True),
+    mlp_bias=get("mlp_bias", True),
+    gated_mlp=get("use_gated_mlp", False),
+    rope_theta=get("rope_theta", 100.0),
+    **tower_import.pixel_stats(folder, vit.IMAGENET_MEAN, vit.IMAGENET_STD),
+  )
+  if config.activation not in vit.ACTIVATIONS:
+    raise CheckpointError(f"{folder}: activation {config.activation!r} is not supported")
+  reader = tower_import.Reader(tensors, source)
+  params = {
+    "patch_embed": {
+      "kernel": reader.conv("embeddings.patch_embeddings.weight", config),
+      "bias": reader.take("embeddings.patch_embeddings.bias", (width,)),
+    },
+    "cls_token": reader.take("embeddings.cls_token", (1, 1, width)).reshape(width),
+    "ln_post": reader.norm("norm", width),
+  }
+  if config.num_registers:
+    params["register_tokens"] = reader.take(
+      "embeddings.register_tokens", (1, config.num_registers, width)
+    )[0]
+  # transformers 5 nests the layers under `model.`; the hub files do not.
+  stack = "model.layer" if any(k.startswith("model.layer.") for k in tensors) else "layer"
+  for i in range(config.layers):
+    layer = f"{stack}.{i}"
+    names = {
+      "ln_1": f"{layer}.norm1",
+      "query": f"{layer}.attention.q_proj",
+      "key": f"{layer}.attention.k_proj",
+      "value": f"{layer}.attention.v_proj",
+      "out": f"{layer}.attention.o_proj",
+      "ln_2": f"{layer}.norm2",
+      "mlp_fc": f"{layer}.mlp.up_proj",
+      "mlp_gate": f"{layer}.mlp.gate_proj",
+      "mlp_proj": f"{layer}.mlp.down_proj",
+      "ls_1": f"{layer}.layer_scale1.lambda1",
+      "ls_2": f"{layer}.layer_scale2.lambda1",
+    }
+    params[f"block{i}"] = tower_import.block(reader, config, names)
+  # The mask token only serves masked-image pretraining.
+  reader.check_all_used("", ("mask_token",))
+  return config, tower_import.to_jax(config, params, source)
 
 
 def load(path: str | pathlib.Path, activation: str | None = None) -> tuple[vit.ViTConfig, dict]:
@@ -465,5 +537,12 @@ def load(path: str | pathlib.Path, activation: str | None = None) -> tuple[vit.V
       return _load_hf_clip(path)
     if model_type.startswith("dinov2"):
       return load_dinov2(path)
-    raise CheckpointError(f"{path}: not a CLIP or DINOv2 checkpoint ({_describe(config_json)})")
+    if model_type.startswith("siglip"):
+      return load_siglip_vision(path)
+    if model_type == "dinov3_vit":
+      return load_dinov3(path)
+    raise CheckpointError(
+      f"{path}: not a CLIP, SigLIP, DINOv2 or DINOv3 checkpoint "
+      f"({tower_import.describe(config_json)})"
+    )
   return load_clip_vision(path, activation)
