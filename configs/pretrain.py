@@ -102,6 +102,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_steps = 100_000
   config.log_every = 50
 
+  # Curves: every `eval.every` steps (0: never), zero-shot mIoU on every point of the
+  # validation buckets and on their paired points, the teacher's own zero-shot mIoU at those
+  # points (the ceiling) and G; to TensorBoard and history.jsonl (`eval/...`).
+  config.eval = ml_collections.ConfigDict()
+  config.eval.every = 0
+  config.eval.val_buckets = common.optional_str()
+  config.eval.val_features = common.optional_str()  # the teacher's store of the same scans
+  config.eval.text_embeddings = common.optional_str()
+  config.eval.batch_size = 4
+  config.eval.max_pairs = 16384  # of G's pairs; the zero-shot scores use every pair
+
   # Mesh: the data axis over every device (-1).
   config.mesh = ml_collections.ConfigDict({"data": -1})
 

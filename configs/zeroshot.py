@@ -17,7 +17,10 @@ refused. The text embeddings come from `data_prep.text_embeddings` with the
 run's teacher and `--classes nuscenes`.
 
 Expected: a line "zero-shot mIoU ..." and workdir/metrics.json (`zeroshot/...`)
-and workdir/report.md. Cost: one forward pass over the validation split (6,019
+and workdir/report.md; with `--config.input.val_features` (the teacher's store
+of the validation scans) also the teacher's ceiling on the paired points
+(`zeroshot_teacher/miou`), the student's score on the same points
+(`zeroshot/miou_paired`) and G. Cost: one forward pass over the validation split (6,019
 nuScenes scans: minutes on one accelerator).
 """
 
@@ -43,6 +46,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Input.
   config.input = ml_collections.ConfigDict()
   config.input.val_buckets = common.optional_str()
+  # Optional: the teacher's store of the same scans. With it, the teacher's own zero-shot
+  # mIoU at the paired points (the ceiling, `zeroshot_teacher`), the student's there
+  # (`zeroshot/miou_paired`) and G on those pairs are measured too.
+  config.input.val_features = common.optional_str()
+  config.input.num_pairs = pre.input.num_pairs  # pairs per scan for those
   config.input.intensity_scale = pre.input.intensity_scale
   config.text_embeddings = common.optional_str()  # .npz of data_prep.text_embeddings
 
@@ -52,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Evaluation on every point of the validation scans.
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 16
+  config.eval.max_pairs = 16384  # of G's pairs; the paired zero-shot scores use every pair
   config.eval.empty = "nan"  # empty-union classes left out of the mean (ScaLR); "one": SLidR
 
   # Mesh: the data axis over every device (-1).

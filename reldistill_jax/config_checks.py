@@ -103,6 +103,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   "optimizer.clip_norm": _float(0),
   "mode": _choice(MODES),
   "eval.batch_size": POSITIVE,
+  "eval.every": NON_NEGATIVE,
   "eval.max_pairs": POSITIVE,
   "eval.empty": _choice(tuple(segmentation.EMPTY_CONVENTIONS)),
   "checkpoint.every": POSITIVE,
@@ -209,7 +210,8 @@ def _check_devices(config: ml_collections.ConfigDict, prefix: str) -> None:
         f"gives {batch // pack} packs a step, not a multiple of the {data} devices of the data "
         f"axis (set input.pack_size to input.batch_size / {data} or a divisor of it)",
       )  # fmt: skip
-  if _has(config, "eval.batch_size") and config.eval.batch_size % data:
+  evaluates = not _has(config, "eval.every") or config.eval.every  # pretraining: curves only
+  if _has(config, "eval.batch_size") and evaluates and config.eval.batch_size % data:
     _fail(
       prefix, "eval.batch_size", config.eval.batch_size,
       f"must be a multiple of the {data} devices of the data axis",

@@ -306,13 +306,20 @@ def structural_gap(
   mesh: jax.sharding.Mesh | None,
   max_pairs: int | None = None,
   *,
+  text_embeddings: np.ndarray | None = None,
+  class_names: Sequence[str] = (),
   seed: int = 0,
 ) -> dict[str, Any]:
-  """G and linear CKA between the student and the teacher on held-out pairs.
+  """G and linear CKA between the student and the teacher on held-out pairs, and
+  optionally both zero-shot on the same pairs.
 
   Every scan contributes its (up to P) pairs: K is the student's feature of
   the pair's voxel, Q the teacher map sampled at the pair's pixel
-  (`pairs.batch_pairs`, as in training).
+  (`pairs.batch_pairs`, as in training). With text embeddings, each pair is
+  also classified zero-shot twice, from K (the student) and from Q (the
+  teacher's own features: the ceiling of what distillation can give), and
+  scored against the label of the pair's voxel: the two mIoUs are over the
+  same points, so they compare.
 
   Args:
     model: the student.
@@ -323,14 +330,18 @@ def structural_gap(
       grid (P >= a scan's pair count takes all of them).
     budgets: the pack shape (`predict_voxels`).
     mesh: a mesh with a `data` axis, or None for one device.
-    max_pairs: a uniform sample of this many pairs of the whole split
-      (deterministic given `seed`), or None for all of them (host memory
-      O(N * D)).
+    max_pairs: a uniform sample of this many pairs of the whole split for G
+      and CKA (deterministic given `seed`), or None for all of them (host
+      memory O(N * D)); the zero-shot scores always use every pair.
+    text_embeddings: (C, D) class text embeddings, or None for G and CKA only.
+    class_names: names of training ids 1..C (with text_embeddings).
     seed: seed of the per-scan pair sampling and of the subsample.
 
   Returns:
     {"G": the structural gap, "cka": linear CKA of K and Q (rows normalised),
-     "pairs": N, the number of pairs used}.
+     "pairs": N, the number of pairs used}; with text embeddings also
+    "zeroshot_paired" and "zeroshot_teacher": `segmentation_metrics` of the
+    student's and the teacher's predictions over the labelled pairs.
 
   Raises:
     ValueError: a transform without pairs or on another grid, or no pairs.
@@ -342,14 +353,23 @@ def structural_gap(
     raise ValueError(f"the transform's grid {transform.grid} is not the store's {grid}")
   source = input_pipeline.JoinedSource(buckets, store)
   input_pipeline.check_join(buckets, store)
+  text = None if text_embeddings is None else jnp.asarray(text_embeddings, jnp.float32)
 
   def apply_fn(params, batch):
     features, _ = model.apply(params, batch)  # (B, T0, D)
     k = pairs.gather_voxels(features, batch["pairs_voxel"])  # (B, S * P, D)
     q = pairs.sample_teacher(batch["teacher"], batch["pairs_camera"], batch["pairs_grid"])
-    return {"k": k, "q": q, "mask": batch["pairs_mask"]}
+    out = {"k": k, "q": q, "mask": batch["pairs_mask"]}
+    if text is not None:
+      out["label"] = jnp.take_along_axis(batch["labels"], batch["pairs_voxel"], axis=1)
+      out["student"] = zeroshot.zero_shot_predict(k, text)
+      out["teacher"] = zeroshot.zero_shot_predict(q, text)
+    return out
 
   sample = _PairSample(max_pairs)
+  size = len(class_names) + 1
+  confusion = {"zeroshot_paired": np.zeros((size, size), np.int64)}
+  confusion["zeroshot_teacher"] = np.zeros((size, size), np.int64)
   scans = predict_voxels(
     apply_fn, params, source, transform, budgets, mesh, rows="pairs", seed=seed,
     desc="structural gap",
@@ -358,11 +378,20 @@ def structural_gap(
     mask = out["mask"]
     keys = np.random.default_rng((seed, index, 1)).random(int(mask.sum()))
     sample.add(keys, out["k"][mask], out["q"][mask])
+    if text is not None:
+      for name, who in (("zeroshot_paired", "student"), ("zeroshot_teacher", "teacher")):
+        confusion[name] += segmentation_lib.confusion_matrix(
+          out[who][mask], out["label"][mask], len(class_names)
+        )
   k, q = sample.result()  # (N, D) each
   if len(k) < 2:
     raise errors.DataError(f"{_store_name(buckets)}: {len(k)} pair(s); the gap needs at least 2")
-  return {
+  result = {
     "G": gap_lib.structural_gap(k, q, mesh=mesh),
     "cka": gap_lib.linear_cka(k, q),
     "pairs": len(k),
   }
+  if text is not None:
+    for name, counts in confusion.items():
+      result[name] = segmentation_lib.segmentation_metrics(counts, class_names)
+  return result

@@ -24,6 +24,7 @@ from reldistill_jax import (
   config_checks,
   errors,
   evaluate,
+  feature_store,
   input_pipeline,
   records,
   report,
@@ -117,18 +118,43 @@ def run_zeroshot(
   zeroshot = zero_shot_metrics(
     config, params, val, text, config.eval.batch_size, mesh, config.eval.empty
   )
-  metrics = {
-    "zeroshot": zeroshot,
-    "inputs": {
-      "dataset": config.dataset,
-      "checkpoint": str(config.checkpoint),
-      "val_buckets": str(config.input.val_buckets),
-      "text_embeddings": str(config.text_embeddings),
-    },
+  metrics = {"zeroshot": zeroshot}
+  lines = {"zero-shot mIoU": report.describe_miou(zeroshot)}
+  if config.input.val_features:
+    paired = paired_metrics(config, params, val, text, mesh)
+    zeroshot["miou_paired"] = paired["zeroshot_paired"]["miou"]
+    metrics["zeroshot_teacher"] = paired["zeroshot_teacher"]
+    metrics["gap"] = {k: paired[k] for k in ("G", "cka", "pairs")}
+    lines["on the paired points"] = (
+      f"{100 * zeroshot['miou_paired']:.1f}% (the teacher there: "
+      f"{100 * paired['zeroshot_teacher']['miou']:.1f}%, the ceiling)"
+    )
+  metrics["inputs"] = {
+    "dataset": config.dataset,
+    "checkpoint": str(config.checkpoint),
+    "val_buckets": str(config.input.val_buckets),
+    "val_features": config.input.val_features,
+    "text_embeddings": str(config.text_embeddings),
   }
   report.write_report(workdir, metrics, title="reldistill-jax: zero-shot segmentation")
-  report.print_results("zero-shot", {"zero-shot mIoU": report.describe_miou(zeroshot)}, workdir)
+  report.print_results("zero-shot", lines, workdir)
   return metrics
+
+
+def paired_metrics(config: ml_collections.ConfigDict, params, val, text, mesh) -> dict:
+  """`evaluate.structural_gap` with both zero-shot scores, on `config.input.val_features`."""
+  store = feature_store.FeatureStore(
+    config.input.val_features, {"feature_dim": config.model.out_dim}
+  )
+  transform = input_pipeline.Transform(
+    config.input.num_pairs, config.input.intensity_scale, grid=tuple(store.config["grid"])
+  )
+  devices = mesh.shape["data"] if mesh is not None else 1
+  budgets = runtime.pack_budgets(config, val, config.eval.batch_size // devices, "evaluation")
+  return evaluate.structural_gap(
+    runtime.make_model(config), params, val, store, transform, budgets, mesh,
+    config.eval.max_pairs, text_embeddings=text, class_names=CLASS_NAMES,
+  )  # fmt: skip
 
 
 # (row key, metrics.json path, required) of one run's row of the gap study.

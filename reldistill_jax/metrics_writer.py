@@ -68,6 +68,9 @@ class MetricWriter:
     else:
       rate = (time.perf_counter() - self._start) / max(step - self._first_step, 1)
       eta = f", {_duration(rate * (total_steps - step))} left"
+    if "loss" not in scalars:  # an evaluation
+      shown = ", ".join(f"{k.split('/', 1)[-1]} {v:.3g}" for k, v in scalars.items())
+      return f"{self.name} step {step}/{total_steps}: {shown}"
     parts = [f"{k.split('/', 1)[1]} {v:.3g}" for k, v in scalars.items() if k.startswith("loss/")]
     loss = f"loss {scalars.get('loss', math.nan):.4g}" + (f" ({', '.join(parts)})" if parts else "")
     shown = [f"{label} {scalars[k]:.3g}" for k, label in _SHOWN.items() if k in scalars]

@@ -6,8 +6,11 @@
                                   data stages go to `config.data.root`
                                   instead when it is set (shared by runs)
   workdir/data/tfds               its TFDS build
-  workdir/data/buckets/<split>    voxel buckets of train, val, train_1pct
-  workdir/data/features/<split>   synthetic-teacher feature stores (train, val)
+  workdir/data/buckets/<split>    voxel buckets of train, val, train_1pct (and
+                                  train_parametrize, train_verify with
+                                  `config.data.parametrize`)
+  workdir/data/features/<split>   synthetic-teacher feature stores (train, val;
+                                  the same two parametrize splits)
   workdir/data/text.npz           the teacher's class text embeddings
   workdir/pretrain                the pretraining run (checkpoints, tensorboard)
   workdir/fewshot                 the 1% fine-tuning run
@@ -32,6 +35,7 @@ from data_prep.synthetic import writer
 from reldistill_jax import (
   classes,
   config_checks,
+  curves,
   evaluate,
   evaluation_runs,
   feature_store,
@@ -47,13 +51,22 @@ from reldistill_jax.evaluators import zeroshot as zeroshot_lib
 
 SPLITS = ("train", "val", "train_1pct")
 FEATURE_SPLITS = ("train", "val")
+# SLidR's parametrize protocol: settings chosen on held-out training scenes
+# (`config.data.parametrize`; the study's sweep).
+PARAMETRIZE_SPLITS = ("train_parametrize", "train_verify")
+
+
+def _splits(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(bucket splits, feature splits) the data stages write for `config`."""
+  extra = PARAMETRIZE_SPLITS if config.data.get("parametrize") else ()
+  return SPLITS + extra, FEATURE_SPLITS + extra
 
 
 def data_paths(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Where the data stages of the default (`config`: configs/default.py) write.
 
-  Keys: world, tfds, builder (the TFDS builder name), buckets/<split> for
-  SPLITS, features/<split> for FEATURE_SPLITS, text.
+  Keys: world, tfds, builder (the TFDS builder name), buckets/<split> and
+  features/<split> for SPLITS and PARAMETRIZE_SPLITS, text.
   """
   root = pathlib.Path(config.data.root or pathlib.Path(workdir) / "data")
   paths = {
@@ -62,8 +75,9 @@ def data_paths(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -
     "builder": f"nuscenes_lidarseg/{config.data.world.version}",
     "text": root / "text.npz",
   }
-  paths.update({f"buckets/{split}": root / "buckets" / split for split in SPLITS})
-  paths.update({f"features/{split}": root / "features" / split for split in FEATURE_SPLITS})
+  for split in SPLITS + PARAMETRIZE_SPLITS:
+    paths[f"buckets/{split}"] = root / "buckets" / split
+    paths[f"features/{split}"] = root / "features" / split
   return paths
 
 
@@ -80,7 +94,8 @@ def prepare_synthetic_data(
     version=data.world.version, workers=data.workers,
   )  # fmt: skip
   build.build("nuscenes_lidarseg", str(world), str(tfds_dir), config=data.world.version)
-  for split in SPLITS:
+  bucket_splits, feature_splits = _splits(config)
+  for split in bucket_splits:
     source = functools.partial(voxelise.open_builder_split, str(tfds_dir), builder, split)
     vox = data.voxel
     bucket_config = voxelise.bucket_config(
@@ -91,7 +106,7 @@ def prepare_synthetic_data(
       source, str(paths[f"buckets/{split}"]), bucket_config, workers=data.workers
     )
   teacher = teachers.load("synthetic", world)
-  for split in FEATURE_SPLITS:
+  for split in feature_splits:
     teacher_features.write_store(
       teacher,
       data_source(tfds_dir, builder, split),
@@ -101,6 +116,12 @@ def prepare_synthetic_data(
     )
   text_embeddings.write_text_embeddings(teacher, "nuscenes", paths["text"])
   return paths
+
+
+def _last(history, key: str):
+  """The last logged value of `key` (None when never logged)."""
+  values = [r[key] for r in history if key in r]
+  return values[-1] if values else None
 
 
 def run_default(
@@ -121,6 +142,9 @@ def run_default(
   with pre.unlocked(), ft.unlocked():
     pre.input.buckets = str(paths["buckets/train"])
     pre.input.features = str(paths["features/train"])
+    pre.eval.val_buckets = str(paths["buckets/val"])
+    pre.eval.val_features = str(paths["features/val"])
+    pre.eval.text_embeddings = str(paths["text"])
     ft.input.buckets = str(paths["buckets/train_1pct"])
     ft.input.val_buckets = str(paths["buckets/val"])
     ft.checkpoint.init_from = str((workdir / "pretrain" / "checkpoints").absolute())
@@ -155,8 +179,10 @@ def run_default(
   )
   budgets = runtime.pack_budgets(pre, val, batch // mesh.shape["data"], "evaluation")
   gap = evaluate.structural_gap(
-    model, params, val, val_store, with_pairs, budgets, mesh, config.eval.max_pairs
-  )
+    model, params, val, val_store, with_pairs, budgets, mesh, config.eval.max_pairs,
+    text_embeddings=text, class_names=names,
+  )  # fmt: skip
+  zeroshot["miou_paired"] = gap["zeroshot_paired"]["miou"]
 
   # Few-shot: fine-tune the pretrained student on the 1% subset.
   fewshot = finetune.finetune_and_evaluate(ft, workdir / "fewshot", override_config)["metrics"]
@@ -178,13 +204,20 @@ def run_default(
   }
   metrics = {
     "zeroshot": zeroshot,
+    # The teacher's own features at the same paired points: what distillation can reach.
+    "zeroshot_teacher": gap["zeroshot_teacher"],
     "zeroshot_at_init": at_init,
     "fewshot_1pct": fewshot | {"subset": ft.subset},
     "gap": {"G": gap["G"], "cka": gap["cka"], "pairs": gap["pairs"]},
     "pretrain": {
       "loss": pre.loss.name,
       "steps": pre.num_steps,
-      "final_loss": pretrained["measurements"].get("loss"),
+      "final_loss": _last(pretrained["history"], "loss"),
+      "convergence": curves.convergence(pretrained["history"], pre.num_steps),
+      "curve": {
+        key: curves.curve(pretrained["history"], key)
+        for key in (curves.KEY, "eval/zeroshot_miou_paired", "eval/teacher_miou", "eval/G")
+      },
     },
   }
   report.write_report(
@@ -198,6 +231,8 @@ def run_default(
     "the embedded default",
     {
       "zero-shot mIoU": report.describe_miou(zeroshot),
+      "on the paired points": f"{100 * zeroshot['miou_paired']:.1f}% (the teacher there: "
+      f"{100 * gap['zeroshot_teacher']['miou']:.1f}%, the ceiling)",
       "at initialisation": report.describe_miou(at_init),
       "1% few-shot mIoU": report.describe_miou(fewshot),
       "structural gap G": f"{gap['G']:.4f} (linear CKA {gap['cka']:.3f}, {gap['pairs']} pairs)",

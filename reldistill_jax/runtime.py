@@ -61,6 +61,7 @@ OBSERVES = (
   "input.num_threads",
   "input.prefetch",
   "eval.batch_size",
+  "eval.every",
 )
 
 
@@ -474,13 +475,16 @@ def run_loop(
   log_every: int,
   checkpoint_every: int,
   name: str,
+  evaluate_fn=None,
+  eval_every: int = 0,
 ):
   """The training loop shared by pretraining and fine-tuning.
 
   Runs `step_fn(state, batch) -> (state, measurements)` from step `start` to
   `num_steps`: measurements every `log_every` steps to TensorBoard, the
   run's history and one console line, checkpoints every `checkpoint_every`
-  steps and at the end.
+  steps and at the end; `evaluate_fn(params) -> scalars` every `eval_every`
+  steps and at the end (the curves, `curves.py`), written the same way.
 
   Returns:
     (state, last measurements, history of logged measurements). The history
@@ -516,6 +520,9 @@ def run_loop(
           writer.write(step + 1, measurements, num_steps)
           t0 = time.perf_counter()
         last = step + 1 == num_steps
+        if evaluate_fn is not None and ((step + 1) % eval_every == 0 or last):
+          with jax.transfer_guard("allow"):  # the evaluation reads results on the host
+            writer.write(step + 1, evaluate_fn(state["params"]), num_steps)
         if several:
           stop = multihost_utils.reached_preemption_sync_point(step + 1)
         else:

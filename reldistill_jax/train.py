@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from reldistill_jax import (
   config_checks,
+  curves,
   distributed,
   feature_store,
   input_pipeline,
@@ -159,11 +160,12 @@ def train_and_evaluate(
   # Data: this process's packs of every step, one per device.
   iterator_ds, buckets, _, _ = open_data(config, data_sharding)
   iterator = iter(iterator_ds)
+  model = runtime.make_model(config)
+  evaluate_fn = curves.make_evaluator(config, model, mesh)
   runtime.check_restore_paths(config, workdir)
   runtime.record_config(config, workdir, override_config)  # only once the inputs are known good
 
   # Model and optimizer, shape first, then initialised already replicated.
-  model = runtime.make_model(config)
   tx, schedule = make_optimizer(config)
   example = input_pipeline.example_batch(buckets, config.input, config.model.patch_size)
 
@@ -191,10 +193,11 @@ def train_and_evaluate(
   start = int(state["step"])
   logging.info("pretrain: steps %d to %d on %d device(s)", start, config.num_steps, mesh.size)
 
-  # Loop.
+  # Loop, with the zero-shot curves every config.eval.every steps.
   state, measurements, history = runtime.run_loop(
     state, step_fn, iterator, data_sharding, manager, workdir,
     start=start, num_steps=config.num_steps, log_every=config.log_every,
     checkpoint_every=config.checkpoint.every, name="pretrain",
+    evaluate_fn=evaluate_fn, eval_every=config.eval.every,
   )  # fmt: skip
   return {"state": state, "measurements": measurements, "model": model, "history": history}

@@ -90,8 +90,13 @@ def small_training_data(pipeline, tmp_path_factory) -> dict[str, pathlib.Path]:
   teacher_features.write_store(
     teacher, builder_split, str(tmp / "features"), SYNTHETIC_BUILDER, "train"
   )
+  val_split = data_source(pipeline["tfds"], SYNTHETIC_BUILDER, "val")
+  teacher_features.write_store(
+    teacher, val_split, str(tmp / "val_features"), SYNTHETIC_BUILDER, "val"
+  )
   return {
     "buckets": tmp / "buckets",
     "val_buckets": tmp / "val_buckets",
     "features": tmp / "features",
+    "val_features": tmp / "val_features",
   }

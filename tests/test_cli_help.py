@@ -22,6 +22,7 @@ CLIS = {
   "benchmarks/teacher.py": False,
   "benchmarks/train_step.py": False,
   "benchmarks/input_pipeline.py": True,
+  "benchmarks/class_stats.py": True,
 }
 
 

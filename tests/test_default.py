@@ -26,7 +26,16 @@ def test_default_runlocal_writes_the_report(tmp_path):
     assert 0.0 <= metrics[key]["miou"] <= 1.0, key
   assert metrics["fewshot_1pct"]["subset"] == "slidr_scene_1pct"
   assert metrics["gap"]["G"] > 0 and metrics["gap"]["pairs"] > 0
+  # The teacher's ceiling and the student on the same paired points, and the zero-shot curve.
+  assert 0.0 <= metrics["zeroshot"]["miou_paired"] <= metrics["zeroshot_teacher"]["miou"] <= 1.0
+  curve = metrics["pretrain"]["curve"]
+  assert [step for step, _ in curve["eval/zeroshot_miou"]] == [2, 4]
+  assert curve["eval/zeroshot_miou"][-1][1] == metrics["zeroshot"]["miou"]
+  assert curve["eval/teacher_miou"][-1][1] == metrics["zeroshot_teacher"]["miou"]
+  assert metrics["pretrain"]["convergence"]["evaluations"] == 2
+  assert isinstance(metrics["pretrain"]["convergence"]["converged"], bool)
   report = (tmp_path / "report.md").read_text()
+  assert "| zeroshot_teacher |" in report and "zeroshot/miou_paired" in report
   for plot in ("training_curves.png", "per_class_iou.png", "bev.png"):
     assert (tmp_path / "plots" / plot).is_file() and f"plots/{plot}" in report
   # A second run in the same workdir reuses the data and the checkpoints.

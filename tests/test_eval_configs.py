@@ -44,13 +44,20 @@ def pretrained(pipeline, small_training_data, tmp_path_factory) -> dict[str, pat
   config.mesh.data = 1
   config.num_steps = 2
   config.checkpoint.every = 2
-  train.train_and_evaluate(config, tmp / "pretrain")
-
   teacher = teachers.load("synthetic", pipeline["world"])
   text = text_embeddings.write_text_embeddings(teacher, "nuscenes", tmp / "text.npz")
+  # The zero-shot curve at every step.
+  config.eval.every = 1
+  config.eval.val_buckets = str(small_training_data["val_buckets"])
+  config.eval.val_features = str(small_training_data["val_features"])
+  config.eval.text_embeddings = str(text)
+  config.eval.batch_size = 2
+  train.train_and_evaluate(config, tmp / "pretrain")
   return {
+    "run": tmp / "pretrain",
     "checkpoint": tmp / "pretrain" / "checkpoints",
     "val": small_training_data["val_buckets"],
+    "val_features": small_training_data["val_features"],
     "text": text,
   }
 
@@ -90,6 +97,35 @@ def test_zeroshot_scores_the_checkpoint(pretrained, tmp_path):
   assert 0.0 < zeroshot["miou"] <= 1.0
   np.testing.assert_allclose(zeroshot["miou"], direct["miou"], rtol=1e-6)
   np.testing.assert_allclose(zeroshot["accuracy"], direct["accuracy"], rtol=1e-6)
+
+
+def test_pretraining_writes_the_zero_shot_curve(pretrained):
+  history = [json.loads(line) for line in (pretrained["run"] / "history.jsonl").open()]
+  evals = [r for r in history if "eval/zeroshot_miou" in r]
+  assert [r["step"] for r in evals] == [1, 2]
+  for r in evals:
+    assert 0.0 <= r["eval/zeroshot_miou_paired"] <= r["eval/teacher_miou"] <= 1.0
+    assert r["eval/G"] > 0
+  # The teacher's ceiling does not depend on the student.
+  assert evals[0]["eval/teacher_miou"] == evals[1]["eval/teacher_miou"]
+
+
+def test_zeroshot_with_the_teacher_store_gives_the_ceiling(pretrained, tmp_path):
+  config = _zeroshot_config(pretrained)
+  config.input.val_features = str(pretrained["val_features"])
+  config.input.num_pairs = 256  # the run's, so the pairs are the same
+  metrics = evaluation_runs.run_zeroshot(config, tmp_path)
+  history = [json.loads(line) for line in (pretrained["run"] / "history.jsonl").open()]
+  last = [r for r in history if "eval/zeroshot_miou" in r][-1]
+  # The same checkpoint, validation scans and pairs as the run's last evaluation.
+  assert metrics["zeroshot"]["miou"] == pytest.approx(last["eval/zeroshot_miou"], abs=1e-6)
+  assert metrics["zeroshot"]["miou_paired"] == pytest.approx(
+    last["eval/zeroshot_miou_paired"], abs=1e-6
+  )
+  assert metrics["zeroshot_teacher"]["miou"] == pytest.approx(last["eval/teacher_miou"], abs=1e-6)
+  written = json.loads((tmp_path / "metrics.json").read_text())
+  assert written["zeroshot_teacher"]["miou"] == metrics["zeroshot_teacher"]["miou"]
+  assert "| zeroshot_teacher |" in (tmp_path / "report.md").read_text()
 
 
 def test_zeroshot_refuses_another_student(pretrained, tmp_path):

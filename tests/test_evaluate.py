@@ -15,6 +15,7 @@ from reldistill_jax import (
   records,
   teachers,
 )
+from reldistill_jax.evaluators import segmentation as segmentation_lib
 from reldistill_jax.models import point_encoder
 
 C = len(classes.NUSCENES_CLASSES)
@@ -218,6 +219,47 @@ def test_structural_gap_equals_a_direct_computation(
   assert result["pairs"] == 100
   assert result["G"] == pytest.approx(gap, rel=1e-4)
   assert result["cka"] == pytest.approx(cka, rel=1e-4)
+
+
+def test_zero_shot_on_the_paired_points_for_student_and_teacher(
+  buckets, student, small_training_data, pipeline, one_device
+):
+  """Both zero-shot scores over the same pairs, against a direct numpy computation."""
+  model, params = student
+  store = feature_store.FeatureStore(str(small_training_data["features"]))
+  text = teachers.load("synthetic", pipeline["world"]).text_embedding(classes.NUSCENES_CLASSES)
+  unit = text / np.linalg.norm(text, axis=-1, keepdims=True)
+  transform = _transform(num_pairs=64, grid=tuple(store.config["grid"]))
+  apply = jax.jit(lambda p, b: pairs.batch_pairs(model.apply(p, b)[0], b))
+  size = C + 1
+  expected = {
+    "student": np.zeros((size, size), np.int64),
+    "teacher": np.zeros((size, size), np.int64),
+  }
+  for i in range(len(buckets)):
+    record = buckets[i] | {"teacher": store.get(buckets[i]["token"])["features"]}
+    batch = _example(transform, record, i)
+    k, q, mask = (np.asarray(x) for x in apply(params, batch))
+    labels = np.asarray(batch["labels"])[0][np.asarray(batch["pairs_voxel"])[0]][mask]
+    for who, x in (("student", k[mask]), ("teacher", q[mask])):
+      pred = np.argmax(x @ unit.T, axis=-1) + 1
+      np.add.at(expected[who], (labels, pred), 1)
+  for counts in expected.values():
+    counts[0] = 0  # ignore-labelled pairs are not scored
+  result = evaluate.structural_gap(
+    model, params, buckets, store, transform, _budgets(buckets, 3), one_device,
+    text_embeddings=text, class_names=classes.NUSCENES_CLASSES,
+  )  # fmt: skip
+  for name, who in (("zeroshot_paired", "student"), ("zeroshot_teacher", "teacher")):
+    want = segmentation_lib.segmentation_metrics(expected[who], classes.NUSCENES_CLASSES)
+    assert result[name]["num_points"] == want["num_points"] > 0
+    # Packed and single-scan features may differ in the last bits: a few near-ties.
+    assert result[name]["miou"] == pytest.approx(want["miou"], abs=2e-3)
+  # The synthetic teacher classifies its own features far better than an untrained student.
+  assert result["zeroshot_teacher"]["miou"] > 0.3 > result["zeroshot_paired"]["miou"]
+  assert "zeroshot_paired" not in evaluate.structural_gap(
+    model, params, buckets, store, transform, _budgets(buckets, 3), one_device
+  )
 
 
 def test_structural_gap_needs_pairs_on_the_stores_grid(buckets, student, small_training_data):

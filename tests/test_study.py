@@ -1,0 +1,82 @@
+"""The loss study's tables and tests, from run rows (the runs themselves: notebook 03)."""
+
+import pytest
+
+from reldistill_jax import study
+
+CEILING = 0.57
+
+
+def _rows():
+  """Three losses x three seeds; relational beats contrastive by 2 points on every seed."""
+  rows = []
+  for seed, shift in enumerate((0.0, 0.01, -0.01)):
+    for loss, zeroshot, fewshot in (
+      ("relational", 0.20, 0.30), ("contrastive", 0.18, 0.31), ("similarity", 0.10, 0.25),
+    ):  # fmt: skip
+      rows.append({
+        "loss": loss, "seed": seed, "steps": 600, "zeroshot_miou": zeroshot + shift,
+        "zeroshot_miou_paired": zeroshot + shift + 0.01, "fewshot_miou": fewshot + 2 * shift,
+        "G": 0.2, "converged": seed != 2, "gain_last_quarter": 0.001,
+        "teacher_ceiling": CEILING, "final_loss": 1.0, "run": f"/r/{loss}_s{seed}",
+      })  # fmt: skip
+  return rows
+
+
+def test_claims_are_paired_tests_across_seeds():
+  tests = study.claims(_rows(), (0, 1, 2))
+  zeroshot, fewshot, ood = tests
+  assert zeroshot["metric"] == "zeroshot_miou" and zeroshot["n"] == 3
+  # The same 2-point lead on every seed: no variance, so no p-value, and the test says why.
+  assert zeroshot["mean_difference"] == pytest.approx(0.02) and zeroshot["p_value"] is None
+  assert fewshot["n"] == 3 and fewshot["p_value"] is None  # 5 points on every seed
+  assert ood["p_value"] is None and "out-of-distribution" in ood["note"]
+
+
+def test_claims_with_noise_give_a_p_value_and_a_verdict():
+  rows = _rows()
+  for row, noise in zip(
+    [r for r in rows if r["loss"] == "contrastive"], (0.004, -0.003, 0.001), strict=True
+  ):
+    row["zeroshot_miou"] += noise
+  zeroshot = study.claims(rows, (0, 1, 2))[0]
+  assert 0 < zeroshot["p_value"] < 0.05 and zeroshot["holds"] is True
+  assert zeroshot["ci95_difference"][0] < 0.02 < zeroshot["ci95_difference"][1]
+
+
+def test_summary_and_markdown():
+  rows = _rows()
+  summary = study.summarise(rows, study.LOSSES)
+  assert summary["relational"]["zeroshot_miou"]["mean"] == pytest.approx(0.20)
+  assert summary["relational"]["zeroshot_miou"]["n"] == 3
+  assert summary["similarity"]["converged"] == "2 of 3"
+  document = {
+    "preset": {"world": "", "seeds": (0, 1, 2), "steps": 600, "epochs": 40},
+    "summary": summary,
+    "teacher_ceiling": CEILING,
+    "tests": study.claims(rows, (0, 1, 2)),
+    "gap_study": {},
+  }
+  table = study.markdown(document)
+  assert "ceiling): 57.00%" in table
+  # relational on the paired points: 21% of a 57% ceiling.
+  assert "| relational | 20.00 +- 1.00 [" in table and "| 37% |" in table
+  assert "no test (the differences are all equal" in table
+
+
+def test_sweep_candidates_and_their_settings(tmp_path):
+  preset = study.PRESETS["full"]
+  assert study.candidates(preset, "relational") == [{"lr": 1e-3}, {"lr": 2e-3}, {"lr": 4e-3}]
+  assert len(study.candidates(preset, "contrastive")) == 6  # x temperatures 0.07, 0.2
+  config = study.run_config(
+    preset, tmp_path, "contrastive", 3, "ptv3_base", {"lr": 4e-3, "temperature": 0.2}
+  )
+  pre = config.pretrain
+  assert (pre.loss.name, pre.seed, config.finetune.seed) == ("contrastive", 3, 3)
+  assert (pre.optimizer.lr, pre.loss.temperature) == (4e-3, 0.2)
+  assert (pre.num_steps, pre.eval.every, config.finetune.num_epochs) == (600, 50, 40)
+  assert (config.data.world.scenes, config.data.world.samples_per_scene) == (20, 8)
+  assert config.data.parametrize and config.data.root == str(tmp_path / "data")
+  # Without settings every loss keeps the default config's.
+  plain = study.run_config(preset, tmp_path, "relational", 0, "ptv3_base")
+  assert plain.pretrain.optimizer.lr == 2e-3
