@@ -23,6 +23,7 @@ CLIS = {
   "benchmarks/train_step.py": False,
   "benchmarks/input_pipeline.py": True,
   "benchmarks/class_stats.py": True,
+  "benchmarks/capacity.py": True,
 }
 
 

@@ -128,6 +128,25 @@ def test_zeroshot_with_the_teacher_store_gives_the_ceiling(pretrained, tmp_path)
   assert "| zeroshot_teacher |" in (tmp_path / "report.md").read_text()
 
 
+def test_capacity_probe_of_the_run(pretrained, tmp_path):
+  """benchmarks/capacity.py on the run: a linear probe of its frozen 16-channel decoder."""
+  out = tmp_path / "capacity.json"
+  proc = subprocess.run(
+    [sys.executable, "benchmarks/capacity.py", f"--out={out}", f"--run={pretrained['run'].parent}",
+     "--max_pairs=400"],
+    cwd=REPO, capture_output=True, text=True, timeout=600,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (result,) = json.loads(out.read_text())["results"]
+  assert result["decoder_channels"] == 16 and result["pairs"] == {"train": 400, "val": 400}
+  assert result["rank95_student"] <= 16 < result["rank95_teacher"]
+  for key in ("miou_student", "miou_probe", "miou_teacher"):
+    assert 0.0 <= result[key] <= 1.0, key
+  # Two steps in, a linear head fitted on the decoder already beats the student's own.
+  assert result["cosine_probe"] > result["cosine_student"]
+  assert result["miou_teacher"] > result["miou_student"]
+
+
 def test_zeroshot_refuses_another_student(pretrained, tmp_path):
   config = _zeroshot_config(pretrained)
   config.model.out_dim = 256
