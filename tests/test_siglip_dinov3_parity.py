@@ -16,35 +16,16 @@ import jax
 import numpy as np
 import pytest
 
-from reldistill_jax.models import checkpoints, vit, vit_import
+from reldistill_jax.models import checkpoints, vit_import
 from reldistill_jax.models.checkpoints import CheckpointError
 
 # The optional `parity` extra.
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from test_dense_clip_parity import tiny_siglip  # noqa: E402
+from test_dense_clip_parity import _apply, _images, _rel_err, tiny_siglip  # noqa: E402
 
 TOL = 1e-5  # relative: max |ours - ref| / max |ref|
-
-
-def _images(shape, seed=0):
-  """Random normalised images: (NHWC numpy for JAX, NCHW torch tensor)."""
-  x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-  return x, torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-
-
-def _apply(config, params, images):
-  with jax.default_matmul_precision("float32"):
-    features, aux = jax.jit(vit.ViT(config).apply)({"params": params}, images)
-  return np.asarray(features), {k: np.asarray(v) for k, v in aux.items()}
-
-
-def _rel_err(ours, ref) -> float:
-  ref = ref.detach().numpy() if hasattr(ref, "detach") else np.asarray(ref)
-  assert ours.shape == ref.shape, (ours.shape, ref.shape)
-  assert ours.dtype == np.float32 and ref.dtype == np.float32, (ours.dtype, ref.dtype)
-  return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 def _perturb(model, extra=()):
