@@ -79,6 +79,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loss.name = args["loss"]
   config.loss.w_cross = 1.0
   config.loss.w_intra = 1.0
+  # Relational ablations: False leaves the cross-modal diagonal term 1/N sum_i C_ii out;
+  # "squared" penalises every relation difference d by d^2 instead of |d| ("l1").
+  config.loss.diagonal = True
+  config.loss.distance = "l1"
   config.loss.temperature = 0.07
   config.loss.similarity = "cosine"
   config.loss.implementation = "auto"

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from reldistill_jax import errors, sharded_losses
+from reldistill_jax import errors, losses, sharded_losses
 from reldistill_jax.evaluators import segmentation
 
 LOSSES = ("relational", "contrastive", "similarity")
@@ -89,6 +89,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   "loss.w_intra": _float(0),
   "loss.temperature": _float(0, low_open=True),
   "loss.similarity": _choice(("cosine", "l2")),
+  "loss.distance": _choice(losses.RELATIONAL_DISTANCES),
   "loss.implementation": _choice(sharded_losses.IMPLEMENTATIONS),
   "loss.lovasz_weight": _float(0),
   "optimizer.name": _choice(OPTIMIZERS),

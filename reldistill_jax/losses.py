@@ -183,6 +183,24 @@ def similarity_loss(
 
 # Relational (cross-modal + intra-modal).
 
+# How an entry d of K Q^T - Q Q^T or K K^T - Q Q^T is penalised: |d| (the
+# paper's) or d^2 (an ablation).
+RELATIONAL_DISTANCES = ("l1", "squared")
+
+
+def check_distance(distance: str) -> None:
+  """Raises ValueError unless `distance` is one of `RELATIONAL_DISTANCES`."""
+  if distance not in RELATIONAL_DISTANCES:
+    raise ValueError(
+      f"unknown relational distance {distance!r}; choose from {', '.join(RELATIONAL_DISTANCES)}"
+    )
+
+
+def relational_distance(d: jax.Array, distance: str) -> jax.Array:
+  """|d| ("l1") or d^2 ("squared"), elementwise."""
+  check_distance(distance)
+  return jnp.abs(d) if distance == "l1" else jnp.square(d)
+
 
 def relational_terms(
   k_rows: jax.Array,
@@ -192,6 +210,7 @@ def relational_terms(
   row_mask: jax.Array,
   col_mask: jax.Array,
   row_offset: jax.Array | int = 0,
+  distance: str = "l1",
 ) -> Terms:
   """Relational (sum, count) terms of a block of rows against all columns.
 
@@ -206,15 +225,19 @@ def relational_terms(
     row_mask: (R,) valid rows.
     col_mask: (N,) valid columns.
     row_offset: index of the block's first row in the full pair axis.
+    distance: "l1" penalises an entry d by |d|, "squared" by d^2
+      (`RELATIONAL_DISTANCES`).
 
   Returns:
-    `diag`: sum of C_ii = |k_i.q_i - q_i.q_i| over valid i, and their count;
-    `cross_off`: sum of C_ij over valid i != j, count; `intra_off`: sum of
-    |k_i.k_j - q_i.q_j| over valid i != j, count.
+    With dist the chosen distance: `diag`: sum of C_ii = dist(k_i.q_i -
+    q_i.q_i) over valid i, and their count; `cross_off`: sum of C_ij over
+    valid i != j, count; `intra_off`: sum of dist(k_i.k_j - q_i.q_j) over
+    valid i != j, count. The diagonal is always summed: `relational_means`
+    decides whether it enters the loss.
   """
   qq = q_rows @ q.T  # (R, N), shared by both terms
-  cross = jnp.abs(k_rows @ q.T - qq)
-  intra = jnp.abs(k_rows @ k.T - qq)
+  cross = relational_distance(k_rows @ q.T - qq, distance)
+  intra = relational_distance(k_rows @ k.T - qq, distance)
   rows = row_offset + jnp.arange(k_rows.shape[0])
   on_diag = rows[:, None] == jnp.arange(k.shape[0])[None, :]
   pair = row_mask[:, None] & col_mask[None, :]
@@ -230,11 +253,18 @@ def relational_terms(
 
 
 def relational_means(
-  terms: Mapping[str, tuple[jax.Array, jax.Array]], w_cross: float, w_intra: float
+  terms: Mapping[str, tuple[jax.Array, jax.Array]],
+  w_cross: float,
+  w_intra: float,
+  diagonal: bool = True,
 ) -> dict[str, jax.Array]:
-  """The relational loss and its parts from merged (sum, count) terms."""
+  """The relational loss and its parts from merged (sum, count) terms.
+
+  With `diagonal` False the cross-modal diagonal mean is left out of `cross`
+  (hence of `loss` and its gradient); the off-diagonal means stay as they are.
+  """
   parts = means(terms)
-  cross = parts["diag"] + parts["cross_off"]
+  cross = parts["cross_off"] + (parts["diag"] if diagonal else 0.0)
   intra = parts["intra_off"]
   return {"loss": w_cross * cross + w_intra * intra, "cross": cross, "intra": intra}
 
@@ -245,13 +275,20 @@ def relational_loss(
   mask: jax.Array | None = None,
   w_cross: float = 1.0,
   w_intra: float = 1.0,
+  diagonal: bool = True,
+  distance: str = "l1",
 ) -> dict[str, jax.Array]:
   """Relational loss: w_cross * L_cross + w_intra * L_intra.
 
   L_cross = 1/N sum_i C_ii + 1/(N^2 - N) sum_{i != j} C_ij with
   C = |K Q^T - Q Q^T|; L_intra = 1/(N^2 - N) sum_{i != j} |k_i.k_j - q_i.q_j|.
   Q Q^T is a constant target (the teacher is frozen). Materialises N x N.
+
+  Two ablations: `diagonal=False` leaves the 1/N sum_i C_ii term out;
+  `distance="squared"` replaces every |d| by d^2 (`relational_terms`).
   """
+  check_distance(distance)
   k, q = prepare_pairs(k, q)
   valid = _valid(mask, k.shape[0])
-  return relational_means(relational_terms(k, q, k, q, valid, valid, 0), w_cross, w_intra)
+  terms = relational_terms(k, q, k, q, valid, valid, 0, distance)
+  return relational_means(terms, w_cross, w_intra, diagonal)

@@ -5,7 +5,8 @@ given a block of R rows and all N pairs they return the diagonal sum, the
 cross-modal and intra-modal off-diagonal sums and the float32 gradient of the
 rows, (diag_sum, cross_off_sum, intra_off_sum, grad_rows (R, D)), and they
 never materialise more than one (row tile, column tile) block of the N x N
-matrices.
+matrices. The static `squared` selects the distance of an entry d: |d| with
+gradient factor sign(d) (False, the paper's), or d^2 with factor 2 d (True).
 
 Shared design:
 
@@ -14,13 +15,17 @@ Shared design:
   its sign are exactly 0 and it adds to no sum and no gradient. The kernels
   need no mask, only the global ids of rows and columns to leave out the
   diagonal i == j.
-- The diagonal C_ii = |k_i.q_i - q_i.q_i| and its gradient term
-  a sign(.) q_i are O(R * D) and computed outside the kernels, so inside them
+- The diagonal C_ii = |k_i.q_i - q_i.q_i| (or its square) and its gradient
+  term a sign(.) q_i (or a 2 (.) q_i; a = 0 without the diagonal term) are
+  O(R * D) and computed outside the kernels, so inside them
   every off-diagonal pair has the same weights (b cross-modal, c intra-modal).
 - Per block, Q_r Q_c^T is computed once and shared by both terms; the sign
   matrices are exactly -1, 0 or 1 in bf16, so the two gradient products
   S @ Q_c and T @ K_c run in the input dtype, accumulate in float32, and the
-  weights are applied in float32 afterwards.
+  weights are applied in float32 afterwards. With `squared` the factor
+  matrices 2 d are not exact in bf16: they stay float32 and Q_c, K_c are
+  cast to float32 for those two products (full-precision float32 products,
+  slower than bf16 ones; the l1 path is unchanged).
 - Each kernel writes partial sums per row tile; they are added outside.
 
 GPU (Triton lowering): one program per row tile (grid (R / Tr,)); the row
@@ -147,24 +152,50 @@ def _masked_sign(x, keep):
   return jnp.where(keep & (x > 0), 1.0, jnp.where(keep & (x < 0), -1.0, 0.0))
 
 
-def _block_terms(k_r, q_r, k_c, q_c, off):
-  """|.| and signs of one (Tr, Tc) block, off-diagonal entries only.
+def _distance(x, keep, squared: bool):
+  """dist(x) where `keep`, else 0: x^2 (`squared`) or |x|."""
+  return jnp.where(keep, x * x if squared else jnp.abs(x), 0.0)
+
+
+def _factor(x, keep, squared: bool):
+  """The derivative of the distance where `keep`, else 0: 2 x (`squared`) or sign(x)."""
+  return jnp.where(keep, 2.0 * x, 0.0) if squared else _masked_sign(x, keep)
+
+
+def _weighted_sum(factor, x, squared: bool):
+  """factor @ x, (Tr, Tc) @ (Tc, D) -> (Tr, D) float32.
+
+  Signs are exact in x's dtype, so that product runs in it; 2 d is not exact
+  in bf16, so with `squared` the factor stays float32 and x is cast to it.
+  """
+  if squared:
+    return _dot(factor, x.astype(jnp.float32), _NN)
+  return _dot(factor.astype(x.dtype), x, _NN)
+
+
+def _block_terms(k_r, q_r, k_c, q_c, off, squared: bool):
+  """Distances and their derivatives over one (Tr, Tc) block, off-diagonal entries only.
 
   Args:
     k_r, q_r: (Tr, D) row features.
     k_c, q_c: (Tc, D) column features.
     off: (Tr, Tc) True where the row and column are different pairs.
+    squared: d^2 and 2 d rather than |d| and sign(d).
 
   Returns:
-    (|K_r Q_c^T - Q_r Q_c^T|, |K_r K_c^T - Q_r Q_c^T|, sign of the first,
-    sign of the second), all (Tr, Tc) float32 and 0 on the diagonal.
+    (dist(K_r Q_c^T - Q_r Q_c^T), dist(K_r K_c^T - Q_r Q_c^T), derivative at
+    the first, derivative at the second), all (Tr, Tc) float32 and 0 on the
+    diagonal.
   """
   qq = _dot(q_r, q_c, _NT)  # (Tr, Tc), shared by both terms
   dc = _dot(k_r, q_c, _NT) - qq
   di = _dot(k_r, k_c, _NT) - qq
-  cross = jnp.where(off, jnp.abs(dc), 0.0)
-  intra = jnp.where(off, jnp.abs(di), 0.0)
-  return cross, intra, _masked_sign(dc, off), _masked_sign(di, off)
+  return (
+    _distance(dc, off, squared),
+    _distance(di, off, squared),
+    _factor(dc, off, squared),
+    _factor(di, off, squared),
+  )
 
 
 def _pad_to(x, rows: int, cols: int | None = None):
@@ -185,12 +216,16 @@ def _operands(k_rows, q_rows, m_rows, k_all, q_all, m_all, tile_rows, tile_cols,
   return (*rows, *cols)
 
 
-def _diagonal(k_rows, q_rows, m_rows, a):
-  """Sum of C_ii over valid rows and its gradient a sign(.) q_i, (R, D) float32."""
+def _diagonal(k_rows, q_rows, m_rows, a, squared: bool):
+  """Sum of C_ii over valid rows and its gradient a f(.) q_i, (R, D) float32.
+
+  f is sign (|d|) or 2 d (`squared`, d^2); all in float32, outside the kernels.
+  """
   k, q = k_rows.astype(jnp.float32), q_rows.astype(jnp.float32)
   dc = jnp.sum(k * q, axis=-1) - jnp.sum(q * q, axis=-1)  # (R,)
-  diag_sum = jnp.sum(jnp.where(m_rows, jnp.abs(dc), 0.0))
-  return diag_sum, jnp.where(m_rows, a * jnp.sign(dc), 0.0)[:, None] * q
+  diag_sum = jnp.sum(jnp.where(m_rows, jnp.square(dc) if squared else jnp.abs(dc), 0.0))
+  factor = 2.0 * dc if squared else jnp.sign(dc)
+  return diag_sum, jnp.where(m_rows, a * factor, 0.0)[:, None] * q
 
 
 def _check_inputs(k_rows, q_rows, k_all, q_all):
@@ -203,19 +238,33 @@ def _check_inputs(k_rows, q_rows, k_all, q_all):
 
 
 def _row_block(
-  call, d_pad, k_rows, q_rows, m_rows, k_all, q_all, m_all, offset, coef, tile_rows, tile_cols
+  call,
+  d_pad,
+  k_rows,
+  q_rows,
+  m_rows,
+  k_all,
+  q_all,
+  m_all,
+  offset,
+  coef,
+  tile_rows,
+  tile_cols,
+  *,
+  squared: bool,
 ):
   """The contract of `_relational_block_scan` around a kernel `call`.
 
   `call(offset (1,) int32, weights (2,) float32, k_r, q_r, k_c, q_c)` gets
   zeroed, padded operands ((R', D'), (R', D'), (N', D'), (N', D')) and returns
-  (cross partial sums, intra partial sums, grad (R', D') float32).
+  (cross partial sums, intra partial sums, grad (R', D') float32); `call`
+  closes over `squared` itself, which here selects the diagonal's distance.
   """
   _check_inputs(k_rows, q_rows, k_all, q_all)
   r, d = k_rows.shape
   operands = _operands(k_rows, q_rows, m_rows, k_all, q_all, m_all, tile_rows, tile_cols, d_pad)
   a, b, c = coef
-  diag_sum, diag_grad = _diagonal(k_rows, q_rows, m_rows, a)
+  diag_sum, diag_grad = _diagonal(k_rows, q_rows, m_rows, a, squared)
   offset = jnp.asarray(offset, jnp.int32).reshape(1)
   weights = jnp.stack([jnp.asarray(b, jnp.float32), jnp.asarray(c, jnp.float32)])
   cross, intra, grad = call(offset, weights, *operands)
@@ -237,12 +286,13 @@ def _gpu_kernel(
   grad_ref,
   *,
   tile_cols: int,
+  squared: bool,
 ):
   """One row tile against every column tile.
 
   Refs: offset (1,) and weights (2,) scalars; k_rows, q_rows (Tr, D); k, q
   (N, D), read one (Tc, D) slice at a time; outputs per-row sums cross, intra
-  (Tr,) and grad (Tr, D).
+  (Tr,) and grad (Tr, D). `squared` (static): d^2 rather than |d|.
   """
   tile_rows, d = k_rows_ref.shape
   k_r = k_rows_ref[...]  # (Tr, D), kept for the whole loop
@@ -256,10 +306,10 @@ def _gpu_kernel(
     k_c = k_ref[pl.ds(start, tile_cols), :]  # (Tc, D)
     q_c = q_ref[pl.ds(start, tile_cols), :]
     off = row_ids[:, None] != (start + jnp.arange(tile_cols))[None, :]  # (Tr, Tc)
-    abs_c, abs_i, sign_c, sign_i = _block_terms(k_r, q_r, k_c, q_c, off)
-    grad = grad + b * _dot(sign_c.astype(q_c.dtype), q_c, _NN)
-    grad = grad + c * _dot(sign_i.astype(k_c.dtype), k_c, _NN)
-    return cross + abs_c.sum(axis=1), intra + abs_i.sum(axis=1), grad
+    dist_c, dist_i, factor_c, factor_i = _block_terms(k_r, q_r, k_c, q_c, off, squared)
+    grad = grad + b * _weighted_sum(factor_c, q_c, squared)
+    grad = grad + c * _weighted_sum(factor_i, k_c, squared)
+    return cross + dist_c.sum(axis=1), intra + dist_i.sum(axis=1), grad
 
   init = (
     jnp.zeros((tile_rows,), jnp.float32),
@@ -287,6 +337,7 @@ def relational_block_gpu(
   interpret: bool = False,
   num_warps: int | None = None,
   num_stages: int | None = None,
+  squared: bool = False,
 ):
   """`_relational_block_scan` as a Pallas Triton kernel (see the module docstring).
 
@@ -305,6 +356,7 @@ def relational_block_gpu(
     num_warps, num_stages: Triton settings; None picks 4 warps for D' <= 64
       (8 above) and 2 pipeline stages while a stage's column tiles take
       <= 64 KiB of shared memory (1 above).
+    squared: (static) d^2 instead of |d| (module docstring).
 
   Returns:
     (diag_sum, cross_off_sum, intra_off_sum, grad_rows (R, D) float32).
@@ -327,7 +379,7 @@ def relational_block_gpu(
     row_sums = pl.BlockSpec((tile_rows,), lambda i: (i,))
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     return pl.pallas_call(
-      functools.partial(_gpu_kernel, tile_cols=tile_cols),
+      functools.partial(_gpu_kernel, tile_cols=tile_cols, squared=squared),
       out_shape=(f32(r_pad), f32(r_pad), f32(r_pad, d_pad)),
       grid=(r_pad // tile_rows,),
       in_specs=[
@@ -344,9 +396,8 @@ def relational_block_gpu(
       name="relational_block_gpu",
     )(offset, weights, k_r, q_r, k_c, q_c)
 
-  return _row_block(
-    call, d_pad, k_rows, q_rows, m_rows, k_all, q_all, m_all, offset, coef, tile_rows, tile_cols
-  )
+  args = (k_rows, q_rows, m_rows, k_all, q_all, m_all, offset, coef, tile_rows, tile_cols)
+  return _row_block(call, d_pad, *args, squared=squared)
 
 
 # TPU (Mosaic).
@@ -368,12 +419,15 @@ def _tpu_kernel(
   cross_ref,
   intra_ref,
   grad_ref,
+  *,
+  squared: bool,
 ):
   """Grid step (row tile i, column tile j); outputs accumulate along j.
 
   Refs: offset (1,) and weights (2,) in SMEM; k_rows, q_rows (Tr, D);
   k_cols, q_cols (Tc, D); outputs cross, intra (8, Tc) partial sums and grad
-  (Tr, D), resident in VMEM for the whole row tile.
+  (Tr, D), resident in VMEM for the whole row tile. `squared` (static): d^2
+  rather than |d|.
   """
   i, j = pl.program_id(0), pl.program_id(1)
   tile_rows, tile_cols = k_rows_ref.shape[0], k_cols_ref.shape[0]
@@ -389,13 +443,13 @@ def _tpu_kernel(
   shape = (tile_rows, tile_cols)
   row_ids = offset_ref[0] + i * tile_rows + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
   col_ids = j * tile_cols + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-  abs_c, abs_i, sign_c, sign_i = _block_terms(
-    k_rows_ref[...], q_rows_ref[...], k_c, q_c, row_ids != col_ids
+  dist_c, dist_i, factor_c, factor_i = _block_terms(
+    k_rows_ref[...], q_rows_ref[...], k_c, q_c, row_ids != col_ids, squared
   )
-  cross_ref[...] += _fold_rows(abs_c)
-  intra_ref[...] += _fold_rows(abs_i)
-  grad_c = _dot(sign_c.astype(q_c.dtype), q_c, _NN)  # (Tr, D)
-  grad_i = _dot(sign_i.astype(k_c.dtype), k_c, _NN)
+  cross_ref[...] += _fold_rows(dist_c)
+  intra_ref[...] += _fold_rows(dist_i)
+  grad_c = _weighted_sum(factor_c, q_c, squared)  # (Tr, D)
+  grad_i = _weighted_sum(factor_i, k_c, squared)
   grad_ref[...] += weight_ref[0] * grad_c + weight_ref[1] * grad_i
 
 
@@ -413,6 +467,7 @@ def relational_block_tpu(
   *,
   interpret: bool = False,
   vmem_limit_bytes: int | None = None,
+  squared: bool = False,
 ):
   """`_relational_block_scan` as a Pallas Mosaic TPU kernel (see the module docstring).
 
@@ -429,7 +484,9 @@ def relational_block_tpu(
     vmem_limit_bytes: Mosaic's scoped VMEM limit, None for its default. By
       our count the default tiles at D = 512 need about 6 MiB (bf16) or
       8 MiB (float32): double-buffered inputs and gradient block plus the
-      (Tr, Tc) and (Tr, D) float32 temporaries.
+      (Tr, Tc) and (Tr, D) float32 temporaries; `squared` adds float32 copies
+      of the column tiles (module docstring).
+    squared: (static) d^2 instead of |d|.
 
   Returns:
     (diag_sum, cross_off_sum, intra_off_sum, grad_rows (R, D) float32).
@@ -447,7 +504,7 @@ def relational_block_tpu(
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     sums_shape = f32(num_row_tiles * _TPU_SUBLANES, tile_cols)
     return pl.pallas_call(
-      _tpu_kernel,
+      functools.partial(_tpu_kernel, squared=squared),
       out_shape=(sums_shape, sums_shape, f32(r_pad, d_pad)),
       grid=(num_row_tiles, n_pad // tile_cols),
       in_specs=[smem, smem, rows, rows, cols, cols],
@@ -459,6 +516,5 @@ def relational_block_tpu(
       name="relational_block_tpu",
     )(offset, weights, k_r, q_r, k_c, q_c)
 
-  return _row_block(
-    call, d_pad, k_rows, q_rows, m_rows, k_all, q_all, m_all, offset, coef, tile_rows, tile_cols
-  )
+  args = (k_rows, q_rows, m_rows, k_all, q_all, m_all, offset, coef, tile_rows, tile_cols)
+  return _row_block(call, d_pad, *args, squared=squared)

@@ -10,15 +10,18 @@ The relational loss never materialises its N x N matrices, on any backend:
 `blocked_relational` loops over (row tile, column tile) blocks and, since
 training always needs both, produces the gradient in the same pass as the
 value (a `jax.custom_vjp` whose backward only scales the stored gradient). The
-math gives that for free: with s_ij = sign(k_i.q_j - q_i.q_j) and
-t_ij = sign(k_i.k_j - q_i.q_j) (t symmetric, as K K^T and Q Q^T are),
+math gives that for free: with f the derivative of the distance (sign(d) for
+"l1" |d|, 2 d for "squared" d^2), s_ij = f(k_i.q_j - q_i.q_j) and
+t_ij = f(k_i.k_j - q_i.q_j) (t symmetric, as K K^T and Q Q^T are),
 
   dL/dk_i = w_cross/N s_ii q_i + w_cross/(N^2 - N) sum_{j != i} s_ij q_j
             + 2 w_intra/(N^2 - N) sum_{j != i} t_ij k_j,
 
 so a device computes the complete gradient of its own rows from its row block
-alone, and Q Q^T is computed once per block for both terms. Only `loss` is
-differentiable; `cross` and `intra` are reported for monitoring.
+alone, and Q Q^T is computed once per block for both terms (with
+`diagonal=False` the first term, and the diagonal in `cross`, are left out).
+Only `loss` is differentiable; `cross` and `intra` are reported for
+monitoring.
 
 Which kernel computes a device's row block is chosen by `implementation`:
 
@@ -166,9 +169,11 @@ def similarity_loss(
 
 
 def _relational_block_scan(
-  k_rows, q_rows, m_rows, k_all, q_all, m_all, offset, coef, tile_rows, tile_cols
+  k_rows, q_rows, m_rows, k_all, q_all, m_all, offset, coef, tile_rows, tile_cols, *, squared=False
 ):
   """Sums and row gradients of a row block, one (tile_rows, tile_cols) block at a time.
+
+  The contract every row-block kernel shares (`pallas_relational.py` too).
 
   Args:
     k_rows, q_rows: (R, D) normalised features of the rows (R % tile_rows == 0).
@@ -179,6 +184,8 @@ def _relational_block_scan(
     coef: (a, b, c) weights of the gradient: a for the diagonal, b for the
       cross-modal off-diagonal, c for the intra-modal off-diagonal.
     tile_rows, tile_cols: block sizes.
+    squared: (static) penalise an entry d by d^2 (gradient factor 2 d) rather
+      than |d| (factor sign(d)).
 
   Returns:
     (diag_sum, cross_off_sum, intra_off_sum, grad_rows (R, D) float32).
@@ -187,6 +194,10 @@ def _relational_block_scan(
   n = k_all.shape[0]
   a, b, c = coef
   dot = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
+  dist, factor = (jnp.square, lambda x: 2.0 * x) if squared else (jnp.abs, jnp.sign)
+  # Weighted signs are cast to the input dtype for the gradient products; 2 d
+  # is not exact in bf16, so with "squared" those products run in float32.
+  grad_dtype = jnp.float32 if squared else k_all.dtype
   k_cols = k_all.reshape(n // tile_cols, tile_cols, d)
   q_cols = q_all.reshape(n // tile_cols, tile_cols, d)
   m_cols = m_all.reshape(n // tile_cols, tile_cols)
@@ -207,14 +218,15 @@ def _relational_block_scan(
       on = valid & on_diag
       sums = sums + jnp.stack(
         [
-          jnp.where(on, jnp.abs(dc), 0.0).sum(),
-          jnp.where(off, jnp.abs(dc), 0.0).sum(),
-          jnp.where(off, jnp.abs(di), 0.0).sum(),
+          jnp.where(on, dist(dc), 0.0).sum(),
+          jnp.where(off, dist(dc), 0.0).sum(),
+          jnp.where(off, dist(di), 0.0).sum(),
         ]
       )
-      sign_c = jnp.where(on, a, jnp.where(off, b, 0.0)) * jnp.sign(dc)
-      sign_i = jnp.where(off, c * jnp.sign(di), 0.0)
-      grad = grad + dot(sign_c.astype(q_c.dtype), q_c) + dot(sign_i.astype(k_c.dtype), k_c)
+      w_c = jnp.where(on, a, jnp.where(off, b, 0.0)) * factor(dc)
+      w_i = jnp.where(off, c * factor(di), 0.0)
+      cast = lambda x: x.astype(grad_dtype)
+      grad = grad + dot(cast(w_c), cast(q_c)) + dot(cast(w_i), cast(k_c))
       return (sums, grad), None
 
     init = (jnp.zeros(3, jnp.float32), jnp.zeros((tile_rows, d), jnp.float32))
@@ -295,6 +307,8 @@ def blocked_relational(
   mask: jax.Array,
   w_cross: float,
   w_intra: float,
+  diagonal: bool = True,
+  distance: str = "l1",
   *,
   mesh: Mesh | None,
   axis_name: str = "data",
@@ -312,6 +326,9 @@ def blocked_relational(
     mask: (N,) valid pairs.
     w_cross: weight of the cross-modal term.
     w_intra: weight of the intra-modal term.
+    diagonal: include the cross-modal diagonal mean in `cross` and `loss`
+      (False: its gradient weight a is 0 too).
+    distance: "l1" or "squared" (`losses.RELATIONAL_DISTANCES`).
     mesh: device mesh to shard rows over, or None for one device.
     axis_name: the mesh axis holding the pairs.
     tile: row and column block size (an int for both, or (rows, columns));
@@ -324,34 +341,25 @@ def blocked_relational(
   Returns:
     (loss, cross, intra) scalars; only `loss` carries a gradient (w.r.t. k).
   """
+  losses.check_distance(distance)
   compute_dtype = compute_dtype or k.dtype
   implementation = resolve_implementation(implementation, mesh)
-  block_kernel = _row_block_kernel(implementation)
+  block_kernel = functools.partial(_row_block_kernel(implementation), squared=distance == "squared")
   tile_rows, tile_cols = _requested_tiles(implementation, tile, k.shape[1])
 
   def sums_and_grad(k, q, mask):
     n = mask.sum().astype(jnp.float32)
     pairs = n * n - n
     inv = lambda x: jnp.where(x > 0, 1.0 / jnp.maximum(x, 1.0), 0.0)
-    coef = (w_cross * inv(n), w_cross * inv(pairs), 2.0 * w_intra * inv(pairs))
+    a = w_cross * inv(n) if diagonal else 0.0  # no diagonal: no gradient from it either
+    coef = (a, w_cross * inv(pairs), 2.0 * w_intra * inv(pairs))
 
     def rows(k_r, q_r, m_r, k_all, q_all, m_all, offset):
-      cast = lambda x: x.astype(compute_dtype)
-      return block_kernel(
-        cast(k_r),
-        cast(q_r),
-        m_r,
-        cast(k_all),
-        cast(q_all),
-        m_all,
-        offset,
-        coef,
-        tile_rows,
-        tile_cols,
-      )
+      k_r, q_r, k_all, q_all = (x.astype(compute_dtype) for x in (k_r, q_r, k_all, q_all))
+      return block_kernel(k_r, q_r, m_r, k_all, q_all, m_all, offset, coef, tile_rows, tile_cols)
 
     diag, cross_off, intra_off, grad = _shard_rows(rows, mesh, axis_name, 3, 1)(k, q, mask)
-    cross = diag * inv(n) + cross_off * inv(pairs)
+    cross = cross_off * inv(pairs) + (diag * inv(n) if diagonal else 0.0)
     intra = intra_off * inv(pairs)
     return (w_cross * cross + w_intra * intra, cross, intra), grad
 
@@ -378,6 +386,8 @@ def relational_loss(
   mask: jax.Array | None = None,
   w_cross: float = 1.0,
   w_intra: float = 1.0,
+  diagonal: bool = True,
+  distance: str = "l1",
   *,
   mesh: Mesh | None,
   axis_name: str = "data",
@@ -392,6 +402,8 @@ def relational_loss(
     mask: (N,) valid pairs, or None for all.
     w_cross: weight of the cross-modal term.
     w_intra: weight of the intra-modal term.
+    diagonal: include the cross-modal diagonal term (`losses.relational_loss`).
+    distance: "l1" (|d|) or "squared" (d^2), `losses.RELATIONAL_DISTANCES`.
     mesh: mesh whose `axis_name` axis shards the pairs; None for one device.
     axis_name: that axis.
     tile: block size (an int, or (rows, columns) for the Pallas kernels), or
@@ -402,6 +414,7 @@ def relational_loss(
   Returns:
     {"loss", "cross", "intra"} scalar means.
   """
+  losses.check_distance(distance)
   implementation = resolve_implementation(implementation, mesh)
   devices = mesh.shape[axis_name] if mesh is not None else 1
   per_device = -(-k.shape[0] // devices)
@@ -414,6 +427,8 @@ def relational_loss(
     mask,
     w_cross,
     w_intra,
+    diagonal,
+    distance,
     mesh=mesh,
     axis_name=axis_name,
     tile=(tile_rows, tile_cols),

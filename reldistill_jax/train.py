@@ -62,6 +62,8 @@ def make_loss(config: ml_collections.ConfigDict, mesh):
       sharded_losses.relational_loss,
       w_cross=cfg.w_cross,
       w_intra=cfg.w_intra,
+      diagonal=cfg.diagonal,
+      distance=cfg.distance,
       mesh=mesh,
       implementation=cfg.implementation,
     )

@@ -32,13 +32,14 @@ def np_similarity(k, q, variant):
   return np.mean(np.linalg.norm(k - q, axis=1))
 
 
-def np_relational(k, q, w_cross=1.0, w_intra=1.0):
+def np_relational(k, q, w_cross=1.0, w_intra=1.0, diagonal=True, distance="l1"):
   k, q = _unit(k), _unit(q)
   n = len(k)
   off = ~np.eye(n, dtype=bool)
-  c = np.abs(k @ q.T - q @ q.T)
-  cross = np.mean(np.diag(c)) + c[off].sum() / (n * n - n)
-  intra = np.abs(k @ k.T - q @ q.T)[off].sum() / (n * n - n)
+  dist = np.abs if distance == "l1" else np.square
+  c = dist(k @ q.T - q @ q.T)
+  cross = c[off].sum() / (n * n - n) + (np.mean(np.diag(c)) if diagonal else 0.0)
+  intra = dist(k @ k.T - q @ q.T)[off].sum() / (n * n - n)
   return {"loss": w_cross * cross + w_intra * intra, "cross": cross, "intra": intra}
 
 
@@ -116,6 +117,46 @@ def test_relational_parts_match_numpy():
     np.testing.assert_allclose(out[part], ref[part], rtol=1e-5)
 
 
+@pytest.mark.parametrize("diagonal", [True, False])
+@pytest.mark.parametrize("distance", ["l1", "squared"])
+def test_relational_options_match_numpy(diagonal, distance):
+  """Both ablations, with masked rows: values of every part and the gradient."""
+  k, q = _data(9, 6, seed=3)
+  mask = np.array([1, 1, 0, 1, 1, 0, 1, 1, 0], bool)
+  options = (0.7, 1.3, diagonal, distance)
+  loss = lambda kk: losses.relational_loss(kk, jnp.asarray(q), jnp.asarray(mask), *options)
+  out = loss(jnp.asarray(k, jnp.float32))
+  ref = np_relational(k[mask], q[mask], *options)
+  for part in ("loss", "cross", "intra"):
+    np.testing.assert_allclose(out[part], ref[part], rtol=1e-5, err_msg=part)
+  grad = jax.grad(lambda kk: loss(kk)["loss"])(jnp.asarray(k, jnp.float32))
+  expected = np.zeros_like(k)
+  expected[mask] = numeric_grad(lambda kk: np_relational(kk, q[mask], *options)["loss"], k[mask])
+  np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=2e-6)
+  assert not np.any(np.asarray(grad)[~mask])
+
+
+def test_relational_options_change_the_numbers():
+  """Each ablation changes the loss and its gradient, and only the parts it should."""
+  k, q = (jnp.asarray(x, jnp.float32) for x in _data(9, 6, seed=3))
+  loss = lambda kk, **kw: losses.relational_loss(kk, q, None, 0.7, 1.3, **kw)
+  run = lambda **kw: loss(k, **kw)
+  grad = lambda **kw: jax.grad(lambda kk: loss(kk, **kw)["loss"])(k)
+  base, no_diag, squared = run(), run(diagonal=False), run(distance="squared")
+  kn, qn = _unit(np.asarray(k)), _unit(np.asarray(q))
+  diag_mean = np.mean(np.abs(np.sum(kn * qn, 1) - 1.0))  # q_i.q_i = 1
+  assert diag_mean > 0.1
+  np.testing.assert_allclose(no_diag["cross"], base["cross"] - diag_mean, rtol=1e-5)
+  np.testing.assert_allclose(no_diag["intra"], base["intra"], rtol=1e-6)
+  for part in ("loss", "cross", "intra"):
+    assert not np.isclose(squared[part], base[part], rtol=0.05), part
+  # Off the diagonal most |d| are well below 1: squaring lowers their mean.
+  assert squared["intra"] < 0.9 * base["intra"]
+  g_base = grad()
+  for kw in ({"diagonal": False}, {"distance": "squared"}):
+    assert np.abs(grad(**kw) - g_base).max() > 1e-2 * np.abs(g_base).max(), kw
+
+
 def test_hand_checkable_cases():
   e1, e2 = np.eye(2)
   # k = (e1, e2), q = (e1, e1): QQ^T = 1, KQ^T = [[1, 1], [0, 0]], KK^T = I.
@@ -190,3 +231,6 @@ def test_bad_shapes_and_variant():
     losses.relational_loss(jnp.ones((4, 3)), jnp.ones((4, 2)))
   with pytest.raises(ValueError, match="unknown similarity variant 'dot'"):
     losses.similarity_loss(jnp.ones((4, 3)), jnp.ones((4, 3)), variant="dot")
+  with pytest.raises(ValueError) as refused:
+    losses.relational_loss(jnp.ones((4, 3)), jnp.ones((4, 3)), distance="l2")
+  assert str(refused.value) == "unknown relational distance 'l2'; choose from l1, squared"

@@ -35,15 +35,17 @@ def _block_args(k, q, m, rows, coef):
 
 
 @pytest.mark.parametrize("implementation", sorted(KERNELS))
-def test_kernel_has_the_contract_of_the_scan(implementation):
+@pytest.mark.parametrize("squared", [False, True], ids=["l1", "squared"])
+def test_kernel_has_the_contract_of_the_scan(implementation, squared):
   """One row block with an offset; R, N and D fit none of the kernel's tiles."""
   k, q, m = _data(200, 100, seed=1)
   k, q = losses.normalize(k), losses.normalize(q)
   coef = (jnp.float32(0.3), jnp.float32(0.01), jnp.float32(0.02))
   rows = slice(40, 90)  # 50 rows starting at pair 40
-  ref = sl._relational_block_scan(k[rows], q[rows], m[rows], k, q, m, 40, coef, 10, 8)
+  ref = sl._relational_block_scan(*_block_args(k, q, m, rows, coef), 10, 8, squared=squared)
   tiles = (16, 32) if implementation.endswith("gpu") else (16, 128)
-  kernel = jax.jit(lambda k, q: KERNELS[implementation](*_block_args(k, q, m, rows, coef), *tiles))
+  block = functools.partial(KERNELS[implementation], squared=squared)
+  kernel = jax.jit(lambda k, q: block(*_block_args(k, q, m, rows, coef), *tiles))
   out = kernel(k, q)
   for part, (value, expected) in enumerate(zip(out[:3], ref[:3], strict=True)):
     np.testing.assert_allclose(value, expected, rtol=1e-5, err_msg=str(part))
@@ -74,12 +76,37 @@ def test_relational_loss_equals_naive_and_scan(mesh, implementation, sharded):
 
 
 @pytest.mark.parametrize("implementation", INTERPRET)
-def test_bf16_is_close(mesh, implementation):
+@pytest.mark.parametrize("diagonal", [True, False])
+@pytest.mark.parametrize("distance", ["l1", "squared"])
+def test_relational_options_equal_the_scan(implementation, diagonal, distance):
+  """Both ablations in the kernels: values and gradients equal the XLA scan's, N = 50."""
+  k, q, m = _data(50, 24, seed=8)
+  options = (0.6, 1.7, diagonal, distance)
+  loss = lambda k, impl: sl.relational_loss(k, q, m, *options, mesh=None, implementation=impl)
+  scan = loss(k, "xla")
+  out = jax.jit(lambda k: loss(k, implementation))(k)
+  for part in scan:
+    np.testing.assert_allclose(out[part], scan[part], rtol=1e-5, err_msg=part)
+  g_scan = jax.grad(lambda k: loss(k, "xla")["loss"])(k)
+  g_out = jax.jit(jax.grad(lambda k: loss(k, implementation)["loss"]))(k)
+  assert not np.any(np.asarray(g_out)[~np.asarray(m)]), "masked pairs get no gradient"
+  np.testing.assert_allclose(g_out, g_scan, rtol=1e-5, atol=1e-9)
+  if (diagonal, distance) != (True, "l1"):  # the options reach the kernel
+    default = lambda k: sl.relational_loss(k, q, m, 0.6, 1.7, mesh=None, implementation="xla")
+    value, grad = jax.value_and_grad(lambda k: default(k)["loss"])(k)
+    assert not np.isclose(out["loss"], value, rtol=1e-2)
+    assert np.abs(g_out - grad).max() > 1e-2 * np.abs(grad).max()
+
+
+@pytest.mark.parametrize("implementation", INTERPRET)
+@pytest.mark.parametrize("distance", ["l1", "squared"])
+def test_bf16_is_close(mesh, implementation, distance):
+  """bf16 inputs; with "squared" the 2 d factors stay float32 in the gradient products."""
   k, q, m = _data(256, 128, seed=4)
-  ref = losses.relational_loss(k, q, m)
-  g_ref = jax.grad(lambda k: losses.relational_loss(k, q, m)["loss"])(k)
+  ref = losses.relational_loss(k, q, m, distance=distance)
+  g_ref = jax.grad(lambda k: losses.relational_loss(k, q, m, distance=distance)["loss"])(k)
   loss = lambda k: sl.relational_loss(
-    k, q.astype(jnp.bfloat16), m, mesh=mesh, implementation=implementation
+    k, q.astype(jnp.bfloat16), m, distance=distance, mesh=mesh, implementation=implementation
   )["loss"]
   value, grad = jax.jit(jax.value_and_grad(loss))(k.astype(jnp.bfloat16))
   assert grad.dtype == jnp.bfloat16
@@ -135,12 +162,13 @@ def test_tiles_shrink_and_are_checked():
   ],
 )
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_kernels_lower_for_their_hardware(platform, kernel, target, dtype):
+@pytest.mark.parametrize("squared", [False, True], ids=["l1", "squared"])
+def test_kernels_lower_for_their_hardware(platform, kernel, target, dtype, squared):
   """Ahead-of-time lowering through Triton / Mosaic: shapes and ops are supported."""
   r, n, d = 256, 1024, 384
 
   def block(k_rows, q_rows, m_rows, k, q, m, offset, coef):
-    return kernel(k_rows, q_rows, m_rows, k, q, m, offset, tuple(coef))
+    return kernel(k_rows, q_rows, m_rows, k, q, m, offset, tuple(coef), squared=squared)
 
   spec = jax.ShapeDtypeStruct
   args = (

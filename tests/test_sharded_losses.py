@@ -69,6 +69,36 @@ def test_blocked_relational_on_one_device(tile):
   np.testing.assert_allclose(g_out, g_ref, rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("diagonal", [True, False])
+@pytest.mark.parametrize("distance", ["l1", "squared"])
+@pytest.mark.parametrize("sharded", [False, True], ids=["one_device", "mesh"])
+def test_relational_options_equal_single_device(mesh, diagonal, distance, sharded):
+  """Both ablations through the blocked XLA kernel, N = 101 (rows padded and masked)."""
+  k, q, m = _data(101, 12, seed=6)
+  options = (0.6, 1.7, diagonal, distance)
+  single = lambda k: losses.relational_loss(k, q, m, *options)
+  blocked = lambda k: sl.relational_loss(
+    k, q, m, *options, mesh=mesh if sharded else None, tile=8, implementation="xla"
+  )
+  ref, out = single(k), jax.jit(blocked)(k)
+  for part in ref:
+    np.testing.assert_allclose(out[part], ref[part], rtol=1e-5, err_msg=part)
+  g_ref = jax.grad(lambda k: single(k)["loss"])(k)
+  g_out = jax.jit(jax.grad(lambda k: blocked(k)["loss"]))(k)
+  np.testing.assert_allclose(g_out, g_ref, rtol=1e-4, atol=1e-8)
+  if (diagonal, distance) != (True, "l1"):  # the options reach the kernel
+    default = losses.relational_loss(k, q, m, 0.6, 1.7)
+    assert not np.isclose(out["loss"], default["loss"], rtol=1e-2)
+    g_default = jax.grad(lambda k: losses.relational_loss(k, q, m, 0.6, 1.7)["loss"])(k)
+    assert np.abs(g_out - g_default).max() > 1e-2 * np.abs(g_default).max()
+
+
+def test_bad_distance_is_refused():
+  k, q, m = _data(16, 4)
+  with pytest.raises(ValueError, match="unknown relational distance 'l3'; choose from l1, squared"):
+    sl.relational_loss(k, q, m, distance="l3", mesh=None)
+
+
 def test_blocked_relational_bf16_is_close(mesh):
   k, q, m = _data(256, 64, seed=4)
   ref = losses.relational_loss(k, q, m)["loss"]

@@ -11,12 +11,12 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import SYNTHETIC_BUILDER
+from conftest import SYNTHETIC_BUILDER, random_pairs
 
-from configs import pretrain
+from configs import default, pretrain
 from data_prep import teacher_features
 from data_prep.builders import data_source
-from reldistill_jax import errors, records, runtime, teachers, train
+from reldistill_jax import config_checks, errors, losses, records, runtime, teachers, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ARG = "loss=relational,teacher=synthetic,dataset=synthetic,runlocal"
@@ -113,6 +113,37 @@ def test_config_errors_name_the_field():
     pretrain.get_config("loss=hinge")
   with pytest.raises(ValueError, match="unknown config argument 'lr'"):
     pretrain.get_config("lr=3")
+
+
+@pytest.mark.parametrize("diagonal", [True, False])
+@pytest.mark.parametrize("distance", ["l1", "squared"])
+def test_relational_options_reach_the_loss(diagonal, distance):
+  """config.loss.diagonal and config.loss.distance reach the loss of `train.make_loss`."""
+  k, q, m = random_pairs(40, 8, seed=1)
+  config = pretrain.get_config(ARG)
+  assert (config.loss.diagonal, config.loss.distance) == (True, "l1")  # the paper's loss
+  config.loss.diagonal, config.loss.distance = diagonal, distance
+  out = train.make_loss(config, None)(k, q, m)
+  ref = losses.relational_loss(k, q, m, diagonal=diagonal, distance=distance)
+  for part in ref:
+    np.testing.assert_allclose(out[part], ref[part], rtol=1e-5, err_msg=part)
+  if (diagonal, distance) != (True, "l1"):
+    assert not np.isclose(out["loss"], losses.relational_loss(k, q, m)["loss"], rtol=1e-2)
+
+
+def test_bad_relational_distance_is_refused_in_one_line():
+  config = default.get_config("runlocal")
+  config.pretrain.loss.distance = "l3"
+  with pytest.raises(errors.ConfigError) as refused:
+    config_checks.validate(config)
+  assert str(refused.value) == (
+    "config.pretrain.loss.distance='l3' must be one of l1, squared "
+    "(set --config.pretrain.loss.distance=...)"
+  )
+  config = pretrain.get_config(ARG)
+  config.loss.distance = "L1"
+  with pytest.raises(errors.ConfigError, match=r"^config.loss.distance='L1' must be one of l1, sq"):
+    config_checks.validate(config, required=False)
 
 
 def test_bad_inputs_fail_before_training(small_training_data, pipeline, tmp_path):
