@@ -28,8 +28,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Input: the synthetic world and its offline stages.
   config.data = ml_collections.ConfigDict()
+  # `sensor`: the lidar profile, hdl32 (nuScenes) or hdl64 (KITTI's HDL-64E); `cameras`:
+  # False makes a lidar-only world, a fine-tuning target without feature stores.
   config.data.world = ml_collections.ConfigDict(
-    {"scenes": 10, "samples_per_scene": 8, "seed": 0, "version": "v1.0-synthetic"}
+    {
+      "scenes": 10,
+      "samples_per_scene": 8,
+      "seed": 0,
+      "version": "v1.0-synthetic",
+      "sensor": "hdl32",
+      "cameras": True,
+    }
   )
   # Coarser than the field's 0.1 m so a CPU trains in minutes (about 10k voxels a scan).
   config.data.voxel = ml_collections.ConfigDict(

@@ -5,7 +5,9 @@ here directly. `NuScenes` indexes the keyframes of one version folder and
 `NuScenes.keyframe(sample_token)` turns one keyframe into the record the
 `nuscenes_lidarseg` builder writes: points, 16-class labels, and the
 point-to-pixel pairs of the six cameras computed with the full projection chain
-of PROTOCOLS.md (camera-time ego pose included).
+of PROTOCOLS.md (camera-time ego pose included). A version folder without any
+camera keyframe (a lidar-only synthetic world) gives records with no cameras
+and no pairs.
 
 Every problem with the input raises `DatarootError` naming the file at fault.
 """
@@ -78,6 +80,8 @@ class NuScenes:
     dataroot: the dataroot folder.
     version: the version folder name, e.g. `v1.0-trainval`.
     scenes: scene records in the order of scene.json.
+    cameras: the camera channels of every keyframe: `classes.NUSCENES_CAMERAS`,
+      or () when no sample_data record is of a camera (a lidar-only world).
   """
 
   def __init__(self, dataroot: str | pathlib.Path, version: str):
@@ -110,6 +114,10 @@ class NuScenes:
           f"(referenced by calibrated_sensor {calib['token']})"
         )
       self._keyframe_data[(sd["sample_token"], channel)] = sd
+    present = {channel for _, channel in self._keyframe_data}
+    # All six or none: a keyframe missing some of them fails in `keyframe`.
+    has_cameras = not present.isdisjoint(classes.NUSCENES_CAMERAS)
+    self.cameras = tuple(classes.NUSCENES_CAMERAS) if has_cameras else ()
     lidarseg_path = table_dir / "lidarseg.json"
     self._lidarseg = {}
     if lidarseg_path.is_file():
@@ -189,7 +197,7 @@ class NuScenes:
 
     images, tokens, intrinsics, sizes = [], [], [], []
     pairs_point, pairs_camera, pairs_uv = [], [], []
-    for cam_index, channel in enumerate(classes.NUSCENES_CAMERAS):
+    for cam_index, channel in enumerate(self.cameras):
       cam = self._sample_data(sample_token, channel)
       path = self.dataroot / cam["filename"]
       jpeg, (width, height) = _read_jpeg(path)
@@ -228,13 +236,14 @@ class NuScenes:
       "points": points,
       "labels": labels,
       "has_labels": has_labels,
-      "pairs_point": np.concatenate(pairs_point).astype(np.int32),
-      "pairs_camera": np.concatenate(pairs_camera),
-      "pairs_uv": np.concatenate(pairs_uv).reshape(-1, 2).astype(np.float32),
+      # Empty arrays of the same dtypes and trailing shapes without cameras.
+      "pairs_point": np.concatenate([np.zeros(0, np.int32), *pairs_point]).astype(np.int32),
+      "pairs_camera": np.concatenate([np.zeros(0, np.uint8), *pairs_camera]),
+      "pairs_uv": np.concatenate([np.zeros((0, 2)), *pairs_uv]).reshape(-1, 2).astype(np.float32),
       "camera_tokens": np.array(tokens, dtype=object),
       "images": np.array(images, dtype=object),
-      "intrinsics": np.stack(intrinsics).astype(np.float32),
-      "image_sizes": np.array(sizes, dtype=np.int32),
+      "intrinsics": np.array(intrinsics, np.float32).reshape(-1, 3, 3),
+      "image_sizes": np.array(sizes, dtype=np.int32).reshape(-1, 2),
     }
 
 

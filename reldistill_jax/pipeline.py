@@ -2,7 +2,8 @@
 
 `run_default(config, workdir)` (configs/default.py):
 
-  workdir/data/world              the synthetic world (nuScenes format); the
+  workdir/data/world              the synthetic world (nuScenes format; its
+                                  lidar and cameras: `config.data.world`); the
                                   data stages go to `config.data.root`
                                   instead when it is set (shared by runs)
   workdir/data/tfds               its TFDS build
@@ -10,8 +11,9 @@
                                   train_parametrize, train_verify with
                                   `config.data.parametrize`)
   workdir/data/features/<split>   synthetic-teacher feature stores (train, val;
-                                  the same two parametrize splits)
-  workdir/data/text.npz           the teacher's class text embeddings
+                                  the same two parametrize splits); none for
+                                  a world without cameras
+  workdir/data/text.npz           the teacher's class text embeddings (idem)
   workdir/pretrain                the pretraining run (checkpoints, tensorboard)
   workdir/fewshot                 the 1% fine-tuning run
   workdir/metrics.json, report.md, plots/
@@ -36,6 +38,7 @@ from reldistill_jax import (
   classes,
   config_checks,
   curves,
+  errors,
   evaluate,
   evaluation_runs,
   feature_store,
@@ -84,14 +87,24 @@ def data_paths(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -
 def prepare_synthetic_data(
   config: ml_collections.ConfigDict, workdir: str | pathlib.Path
 ) -> dict[str, pathlib.Path]:
-  """Runs the data stages of the default; returns `data_paths(config, workdir)`."""
+  """Runs the data stages of the default; returns `data_paths(config, workdir)`.
+
+  The world is seen through `config.data.world.sensor` (a lidar profile of
+  `data_prep.synthetic.lidar`). Without cameras (`config.data.world.cameras`
+  False: a lidar-only few-shot target, as SemanticKITTI) only the world, its
+  TFDS build and the bucket splits are written; its records have no pairs, so
+  there are no feature stores and no text embeddings (their paths stay in
+  the returned dict but are not written).
+  """
   paths = data_paths(config, workdir)
   data = config.data
   world, tfds_dir, builder = paths["world"], paths["tfds"], paths["builder"]
+  cameras = data.world.cameras
   logging.info("data: synthetic world in %s", world)
   writer.generate(
     world, data.world.scenes, data.world.samples_per_scene, data.world.seed,
     version=data.world.version, workers=data.workers,
+    sensor=data.world.sensor, cameras=cameras,
   )  # fmt: skip
   build.build("nuscenes_lidarseg", str(world), str(tfds_dir), config=data.world.version)
   bucket_splits, feature_splits = _splits(config)
@@ -105,6 +118,9 @@ def prepare_synthetic_data(
     voxelise.voxelise_split(
       source, str(paths[f"buckets/{split}"]), bucket_config, workers=data.workers
     )
+  if not cameras:
+    logging.info("data: a world without cameras: no feature stores or text embeddings")
+    return paths
   teacher = teachers.load("synthetic", world)
   for split in feature_splits:
     teacher_features.write_store(
@@ -136,6 +152,11 @@ def run_default(
       (stages already finished are not redone).
   """
   workdir = pathlib.Path(workdir)
+  if not config.data.world.cameras:
+    raise errors.ConfigError(
+      "config.data.world.cameras=False makes a lidar-only world (a few-shot target, written by "
+      "`prepare_synthetic_data`); the embedded default pretrains from the cameras: set it True"
+    )
   paths = data_paths(config, workdir)
   # The stage configs are complete before anything is checked, written or compared.
   pre, ft = config.pretrain, config.finetune

@@ -150,6 +150,11 @@ class SyntheticTeacher:
         "world's dataroot, written by `python -m data_prep.synthetic`)"
       )
     self.meta = json.loads(meta_path.read_text())
+    if not self.meta.get("cameras"):
+      raise errors.DataError(
+        f"{self.world}: a synthetic world without cameras (lidar only) has no class maps "
+        "for the synthetic teacher; generate one with cameras for pretraining"
+      )
     self.patch_size = patch_size
     self.feature_dim = feature_dim
     self.default_image_size = (224, 416)

@@ -11,7 +11,7 @@ from conftest import SYNTHETIC_BUILDER
 
 from data_prep import teacher_features, text_embeddings
 from data_prep.builders import data_source
-from reldistill_jax import classes, feature_store, prompts, records, teachers
+from reldistill_jax import classes, errors, feature_store, prompts, records, teachers
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +152,10 @@ def test_store_with_wrong_record_shape_is_refused(tmp_path, teacher):
 
 def test_synthetic_teacher_needs_its_world(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a synthetic world"):
+    teachers.load("synthetic", tmp_path)
+  (tmp_path / "synthetic").mkdir()
+  (tmp_path / "synthetic" / "meta.json").write_text('{"cameras": []}')  # a lidar-only world
+  with pytest.raises(errors.DataError, match="without cameras"):
     teachers.load("synthetic", tmp_path)
   with pytest.raises(ValueError, match="unknown teacher 'sam'"):
     teachers.load("sam")

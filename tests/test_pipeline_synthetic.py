@@ -5,12 +5,14 @@ import json
 
 import grain
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 from conftest import SYNTHETIC_BUILDER as BUILDER
 from PIL import Image
 
+from configs import default
 from data_prep.builders import data_source
-from reldistill_jax import classes, records
+from reldistill_jax import classes, errors, pipeline, records
 
 
 def test_splits_follow_the_scene_names(pipeline):
@@ -100,3 +102,50 @@ def test_grain_batches_the_builder_source(pipeline):
   )
   batches = list(dataset)
   assert len(batches) == 2 and batches[0]["n"].shape == (2,)
+
+
+@pytest.fixture(scope="module")
+def lidar_only(tmp_path_factory) -> dict:
+  """The default's data stages on a 3-scene, 1-keyframe world of KITTI's sensor, no cameras."""
+  config = default.get_config("runlocal")
+  world = config.data.world
+  world.scenes, world.samples_per_scene, world.seed = 3, 1, 5
+  world.sensor, world.cameras = "hdl64", False
+  config.data.workers = 1
+  return pipeline.prepare_synthetic_data(config, tmp_path_factory.mktemp("lidar_only"))
+
+
+def test_a_lidar_only_world_gets_buckets_only(lidar_only):
+  for split, scans in (("train", 2), ("val", 1), ("train_1pct", 1)):
+    assert len(records.ShardedReader(str(lidar_only[f"buckets/{split}"]))) == scans, split
+  for split in pipeline.FEATURE_SPLITS:
+    assert not lidar_only[f"features/{split}"].exists()
+  assert not lidar_only["text"].exists()
+  meta = json.loads((lidar_only["world"] / "synthetic" / "meta.json").read_text())
+  assert meta["cameras"] == [] and meta["lidar"]["model"] == "Velodyne HDL-64E"
+
+
+def test_lidar_only_records_have_labels_and_no_pairs(lidar_only):
+  builder = lidar_only["builder"]
+  for split in ("train", "val", "train_1pct"):
+    reader = records.ShardedReader(str(lidar_only[f"buckets/{split}"]))
+    for scan, bucket in zip(data_source(lidar_only["tfds"], builder, split), reader, strict=True):
+      n = len(scan["points"])
+      rings = np.unique(scan["points"][:, 4])
+      assert scan["points"].shape == (n, 5) and np.array_equal(rings, np.arange(64))
+      assert scan["has_labels"] and scan["labels"].shape == (n,) and scan["labels"].max() > 0
+      for key, shape in (("pairs_point", (0,)), ("pairs_uv", (0, 2)), ("images", (0,))):
+        assert scan[key].shape == shape, key
+      assert scan["intrinsics"].shape == (0, 3, 3) and scan["image_sizes"].shape == (0, 2)
+      assert bucket["has_labels"] and bucket["image_sizes"].shape == (0, 2)
+      assert len(bucket["pairs_voxel"]) == 0 and bucket["pairs_uv"].shape == (0, 2)
+      np.testing.assert_array_equal(bucket["point_labels"], scan["labels"])
+      assert bucket["features"].shape == (bucket["num_voxels"], 5)
+
+
+def test_the_embedded_default_needs_cameras(tmp_path):
+  config = default.get_config("runlocal")
+  config.data.world.cameras = False
+  with pytest.raises(errors.ConfigError, match="cameras"):
+    pipeline.run_default(config, tmp_path)
+  assert not any(tmp_path.iterdir())

@@ -332,3 +332,104 @@ def test_the_project_reader_loads_the_world(world_dir, db):
   assert record["has_labels"] and len(record["labels"]) == len(record["points"])
   assert set(np.unique(record["pairs_camera"]).tolist()) == set(range(6))
   assert len(record["pairs_point"]) > 15_000
+
+
+# A lidar-only world through KITTI's sensor: the few-shot target out of distribution.
+KITTI_ELEVATIONS = (-24.9, 2.0)  # HDL-64E, degrees (KITTI's setup), restated
+KITTI_HEIGHT = 1.73  # metres above the ground
+
+
+@pytest.fixture(scope="module")
+def lidar_only_dir(tmp_path_factory) -> pathlib.Path:
+  out = tmp_path_factory.mktemp("synthetic") / "hdl64"
+  stats = writer.generate(out, SCENES, 1, SEED, VERSION, workers=1, sensor="hdl64", cameras=False)
+  assert stats is not None and len(stats) == SCENES
+  return out
+
+
+def test_hdl64_sweeps_have_64_rings_in_kitti_elevations(lidar_only_dir):
+  """Ring and elevation restated from the point coordinates, not from the profile."""
+  dataset = nuscenes.NuScenes(lidar_only_dir, VERSION)
+  lidarseg = json.loads((lidar_only_dir / VERSION / "lidarseg.json").read_text())
+  seg_of = {r["sample_data_token"]: r for r in lidarseg}
+  for scene in dataset.scenes:
+    for token in dataset.scene_samples(scene):
+      record = dataset.keyframe(token, scene["name"])
+      points = record["points"]
+      assert 100_000 <= len(points) <= 125_000  # KITTI: ~120k a scan
+      raw = np.fromfile(lidar_only_dir / seg_of[record["lidar_token"]]["filename"], np.uint8)
+      ring = points[:, 4].astype(int)
+      assert np.array_equal(np.unique(ring), np.arange(64))
+      xyz = points[:, :3].astype(np.float64)
+      elevation = np.degrees(np.arctan2(xyz[:, 2], np.linalg.norm(xyz[:, :2], axis=1)))
+      per_ring = np.array([np.median(elevation[ring == r]) for r in range(64)])
+      assert np.all(np.diff(per_ring) > 0.2)  # ring 0 lowest, distinct beams
+      assert abs(per_ring[0] - KITTI_ELEVATIONS[0]) < 0.05
+      assert abs(per_ring[-1] - KITTI_ELEVATIONS[1]) < 0.05
+      # Every point lies on its ring's beam (spurious returns included).
+      assert np.max(np.abs(elevation - per_ring[ring])) < 0.01
+      # Mounted at KITTI's height: the road is 1.73 m below the sensor.
+      low = (ring < 16) & (raw == 24)
+      assert abs(np.median(points[low, 2]) + KITTI_HEIGHT) < 0.1
+
+
+def test_a_world_without_cameras_is_lidar_only(lidar_only_dir, world_dir):
+  files = {p.relative_to(lidar_only_dir).as_posix() for p in lidar_only_dir.rglob("*")}
+  assert not [f for f in files if f.startswith("samples/CAM_") or "classmaps" in f]
+  assert {f.split("/")[1] for f in files if f.startswith("samples/")} == {"LIDAR_TOP"}
+  lists = {n: json.loads((lidar_only_dir / VERSION / f"{n}.json").read_text()) for n in TABLES}
+  assert [s["channel"] for s in lists["sensor"]] == ["LIDAR_TOP"]
+  assert len(lists["calibrated_sensor"]) == 1
+  assert lists["calibrated_sensor"][0]["translation"][2] == KITTI_HEIGHT
+  assert len(lists["sample_data"]) == len(lists["ego_pose"]) == len(lists["lidarseg"]) == SCENES
+  poses = {p["token"]: p for p in lists["ego_pose"]}
+  samples = {s["token"] for s in lists["sample"]}
+  for sd in lists["sample_data"]:
+    assert sd["fileformat"] == "pcd" and (lidar_only_dir / sd["filename"]).is_file()
+    assert sd["sample_token"] in samples
+    assert poses[sd["ego_pose_token"]]["timestamp"] == sd["timestamp"]
+  meta = json.loads((lidar_only_dir / "synthetic" / "meta.json").read_text())
+  assert meta["cameras"] == [] and "classmap" not in meta
+  assert (meta["lidar"]["model"], meta["lidar"]["beams"]) == ("Velodyne HDL-64E", 64)
+  # The project reader: no cameras, no pairs, labels present.
+  dataset = nuscenes.NuScenes(lidar_only_dir, VERSION)
+  assert dataset.cameras == ()
+  scene = dataset.scenes[0]
+  record = dataset.keyframe(next(iter(dataset.scene_samples(scene))), scene["name"])
+  assert record["has_labels"] and len(record["labels"]) == len(record["points"])
+  assert record["pairs_point"].shape == (0,) and record["pairs_uv"].shape == (0, 2)
+  assert record["image_sizes"].shape == (0, 2) and record["images"].shape == (0,)
+  # The lidar of a seed does not depend on the cameras: an HDL-32E world without
+  # cameras has the camera world's sweeps and tokens.
+  plain = lidar_only_dir.parent / "hdl32-lidar-only"
+  writer.generate(plain, SCENES, SAMPLES, SEED, VERSION, cameras=False)
+  sweeps = json.loads((plain / VERSION / "sample_data.json").read_text())
+  for sd in sweeps:
+    assert (plain / sd["filename"]).read_bytes() == (world_dir / sd["filename"]).read_bytes()
+  with_cameras = json.loads((world_dir / VERSION / "sample_data.json").read_text())
+  lidar_tokens = {sd["token"] for sd in with_cameras if sd["fileformat"] == "pcd"}
+  assert {sd["token"] for sd in sweeps} == lidar_tokens
+
+
+def test_a_world_of_other_sensors_is_refused_in_one_line(world_dir, lidar_only_dir, capsys):
+  for out, kwargs in (
+    (world_dir, {"samples_per_scene": SAMPLES, "sensor": "hdl64", "cameras": False}),
+    (world_dir, {"samples_per_scene": SAMPLES, "cameras": False}),
+    (lidar_only_dir, {"samples_per_scene": 1}),
+  ):
+    with pytest.raises(FileExistsError, match="other sensors") as error:
+      writer.generate(out, SCENES, seed=SEED, **kwargs)
+    assert "\n" not in str(error.value)
+  # The CLI: the same lidar-only world again is nothing to do; the default refuses it.
+  argv = ["--out", str(lidar_only_dir), "--scenes", str(SCENES), "--samples-per-scene", "1"]
+  argv += ["--seed", str(SEED), "--workers", "1"]
+  assert cli.main([*argv, "--sensor", "hdl64", "--no-cameras"]) == 0
+  assert "nothing to do" in capsys.readouterr().out
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert "Velodyne HDL-64E without cameras, not Velodyne HDL-32E with 6 cameras" in err
+  with pytest.raises(SystemExit):
+    cli.main([*argv, "--sensor", "hdl16"])
+  assert "invalid choice: 'hdl16'" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="--sensor must be one of hdl32, hdl64"):
+    writer.generate(lidar_only_dir.parent / "never", SCENES, 1, SEED, sensor="hdl16")

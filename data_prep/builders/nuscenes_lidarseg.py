@@ -15,14 +15,17 @@ keyframe:
   pairs_point    (M,)     int32 index into `points`
   pairs_camera   (M,)     uint8 index into `classes.NUSCENES_CAMERAS`
   pairs_uv       (M, 2)   float32 pixel (u = column, v = row), native image
-  camera_tokens  (6,)     str camera sample_data tokens, camera order
-  images         (6,)     bytes JPEG files, camera order
-  intrinsics     (6, 3, 3) float32 camera matrices
-  image_sizes    (6, 2)   int32 (height, width)
+  camera_tokens  (C,)     str camera sample_data tokens, camera order
+  images         (C,)     bytes JPEG files, camera order
+  intrinsics     (C, 3, 3) float32 camera matrices
+  image_sizes    (C, 2)   int32 (height, width)
 
-Pairs keep points with depth > 1 m strictly inside the image by one pixel
-(nuscenes-devkit's `map_pointcloud_to_image` criterion), projected through the
-camera-time ego pose (`data_prep.geometry`).
+C is 6, or 0 for a version folder without cameras (a lidar-only synthetic
+world, `python -m data_prep.synthetic --no-cameras`): its records have no
+pairs (M = 0) and serve fine-tuning and evaluation only. Pairs keep points
+with depth > 1 m strictly inside the image by one pixel (nuscenes-devkit's
+`map_pointcloud_to_image` criterion), projected through the camera-time ego
+pose (`data_prep.geometry`).
 
 Splits (scene lists from `data_prep/resources/nuscenes_splits.json`): `train`,
 `val`, `test`, `train_parametrize` (train minus SLidR's 100 held-out scenes),
@@ -60,7 +63,7 @@ def split_scene_names() -> dict[str, frozenset[str]]:
 
 
 class NuscenesLidarseg(offline.OfflineBuilder):
-  """nuScenes lidarseg keyframes with point-to-pixel pairs for six cameras."""
+  """nuScenes lidarseg keyframes with point-to-pixel pairs for six cameras (or none)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Keyframes, 16-class labels, camera pairs, JPEGs."}
@@ -97,10 +100,11 @@ class NuscenesLidarseg(offline.OfflineBuilder):
           "pairs_uv": tfds.features.Tensor(shape=(None, 2), dtype=np.float32),
           # Strings and encoded images as raw bytes: readers that need only
           # the points never pay for JPEG decoding.
-          "camera_tokens": tfds.features.Tensor(shape=(6,), dtype=np.object_),
-          "images": tfds.features.Tensor(shape=(6,), dtype=np.object_),
-          "intrinsics": tfds.features.Tensor(shape=(6, 3, 3), dtype=np.float32),
-          "image_sizes": tfds.features.Tensor(shape=(6, 2), dtype=np.int32),
+          # C = 6 cameras, or none (module docstring).
+          "camera_tokens": tfds.features.Tensor(shape=(None,), dtype=np.object_),
+          "images": tfds.features.Tensor(shape=(None,), dtype=np.object_),
+          "intrinsics": tfds.features.Tensor(shape=(None, 3, 3), dtype=np.float32),
+          "image_sizes": tfds.features.Tensor(shape=(None, 2), dtype=np.int32),
         }
       ),
       homepage="https://www.nuscenes.org/nuscenes#lidarseg",

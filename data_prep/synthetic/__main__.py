@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from data_prep.synthetic import writer
+from data_prep.synthetic import lidar, writer
 
 _DESCRIPTION = """\
 Writes a procedural street world as a nuScenes-format dataroot in DIR:
@@ -16,12 +16,15 @@ Writes a procedural street world as a nuScenes-format dataroot in DIR:
                               (real n015 rig), sensor, log, category, lidarseg,
                               and empty instance/sample_annotation/attribute/
                               visibility/map
-  samples/LIDAR_TOP/*.pcd.bin HDL-32E sweeps: float32 x, y, z, intensity, ring
+  samples/LIDAR_TOP/*.pcd.bin lidar sweeps: float32 x, y, z, intensity, ring
   lidarseg/<version>/*.bin    uint8 raw lidarseg id per point
   samples/CAM_*/*.jpg         1600x900 images rendered from the same scene at
                               each camera's own timestamp
   synthetic/classmaps/*.png   per camera image: raw ids at 400x225 (255 = sky)
-  synthetic/meta.json         generator parameters
+  synthetic/meta.json         generator parameters (sensor, cameras, ...)
+The lidar is the nuScenes HDL-32E (--sensor hdl32, 32 beams, 1.84 m) or
+KITTI's HDL-64E (--sensor hdl64, 64 beams from +2.0 to -24.9 degrees, 1.73 m).
+--no-cameras writes a lidar-only world: no CAM_* records, images or class maps.
 The same arguments always give byte-identical files. DIR must be absent or
 empty; if it already holds this exact world nothing is done.
 """
@@ -52,17 +55,32 @@ def main(argv=None) -> int:
     default=_default_workers(),
     help="rendering processes (default: number of CPUs)",
   )
+  parser.add_argument(
+    "--sensor",
+    choices=sorted(lidar.SENSORS),
+    default=lidar.DEFAULT_SENSOR,
+    help="lidar profile: hdl32 (nuScenes LIDAR_TOP, default) or hdl64 (KITTI's HDL-64E)",
+  )
+  parser.add_argument(
+    "--no-cameras",
+    dest="cameras",
+    action="store_false",
+    help="write a lidar-only world (no camera records, images or class maps)",
+  )
   args = parser.parse_args(argv)
   try:
-    writer.validate(args.scenes, args.samples_per_scene, args.seed, args.version, args.workers)
+    writer.validate(
+      args.scenes, args.samples_per_scene, args.seed, args.version, args.workers, args.sensor
+    )
   except ValueError as e:
     parser.error(str(e))
 
   start = time.perf_counter()
   try:
     stats = writer.generate(
-      args.out, args.scenes, args.samples_per_scene, args.seed, args.version, args.workers
-    )
+      args.out, args.scenes, args.samples_per_scene, args.seed, args.version, args.workers,
+      sensor=args.sensor, cameras=args.cameras,
+    )  # fmt: skip
   except FileExistsError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -1,9 +1,9 @@
 """Ray casting of a grid of rays against the scene's primitives and ground.
 
-Both sensors are a grid of rays from one origin: the lidar's 32 beams x 1084
-azimuth steps, or a camera's pixels. Testing every ray against every primitive
-would be far too slow in numpy, so each primitive is tested only against the
-rays of its *window*: the sub-rectangle of the grid its projection can cover
+Both sensors are a grid of rays from one origin: the lidar's beams x azimuth
+steps (32 x 1084 for the HDL-32E), or a camera's pixels. Testing every ray
+against every primitive would be far too slow in numpy, so each primitive is
+tested only against the rays of its *window*: the sub-rectangle of the grid its projection can cover
 (the projected bounding rectangle for a camera, the azimuth interval for the
 lidar). A depth buffer keeps the nearest hit; the ground (z = 0) is intersected
 analytically for every ray first.

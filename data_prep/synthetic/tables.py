@@ -3,6 +3,11 @@
 The tables are built in the parent process from each scene's timestamps, ego
 trajectory and token stream; the sensor files named in them are rendered by
 `writer.render_sample`, possibly in other processes, from the same seeds.
+
+A world without cameras has LIDAR_TOP records only (sensor, calibrated_sensor,
+sample_data, ego_pose). Its tokens are drawn from the same streams as a world
+with cameras (the camera tokens are drawn and left unused), so the lidar
+records of a seed do not depend on the cameras.
 """
 
 import dataclasses
@@ -12,7 +17,7 @@ import functools
 import numpy as np
 
 from data_prep import resources
-from data_prep.synthetic import world
+from data_prep.synthetic import lidar, world
 from reldistill_jax.classes import NUSCENES_CAMERAS
 
 TABLE_STREAM = 0  # spawn_key component of a scene's token stream
@@ -24,16 +29,27 @@ VEHICLE = "n015"  # the car whose calibration the rig reuses
 LOCATION = "synthetic-city"
 
 
-@functools.lru_cache(maxsize=1)
-def rig() -> tuple[list[dict], dict]:
+def channels(cameras: bool = True) -> tuple[str, ...]:
+  """The channels of a world: LIDAR_TOP, then the six cameras if it has them."""
+  return CHANNELS if cameras else (LIDAR,)
+
+
+@functools.lru_cache(maxsize=4)
+def rig(sensor: str = lidar.DEFAULT_SENSOR) -> tuple[list[dict], dict]:
   """(sensor records, calibrated_sensor record per channel) of the real rig.
 
   The records keep only the fields of the nuScenes calibrated_sensor table.
-  They are shared (cached): callers must not modify them.
+  A lidar profile with a mounting height of its own (`lidar.Sensor`) moves
+  LIDAR_TOP to that height and keeps the rest of its calibration. The records
+  are shared (cached): callers must not modify them.
   """
   data = resources.load_json("nuscenes_rig")
   fields = ("token", "sensor_token", "translation", "rotation", "camera_intrinsic")
   calib = {ch: {k: data["calibrated_sensor"][ch][k] for k in fields} for ch in CHANNELS}
+  height = lidar.profile(sensor).mount_height
+  if height is not None:
+    x, y, _ = calib[LIDAR]["translation"]
+    calib[LIDAR] = {**calib[LIDAR], "translation": [x, y, height]}
   return data["sensor"], calib
 
 
@@ -76,18 +92,20 @@ class SampleJob:
   """Everything a worker needs to render one keyframe's files.
 
   Paths are relative to the dataroot; `lidar_us`/`camera_us` are the capture
-  timestamps of LIDAR_TOP and the six cameras (NUSCENES_CAMERAS order).
+  timestamps of LIDAR_TOP and the six cameras (NUSCENES_CAMERAS order);
+  `sensor` is the lidar profile (a key of `lidar.SENSORS`).
   """
 
   seed: int
   scene_index: int
   sample_index: int
   samples_per_scene: int
+  sensor: str
   lidar_us: int
   camera_us: tuple[int, ...]
   lidar_file: str
   lidarseg_file: str
-  camera_files: tuple[str, ...]
+  camera_files: tuple[str, ...]  # empty in a world without cameras
   classmap_files: tuple[str, ...]
 
 
@@ -95,7 +113,47 @@ def _token(rng: np.random.Generator) -> str:
   return rng.bytes(16).hex()
 
 
-def scene_tables(seed: int, index: int, samples_per_scene: int, name: str, version: str):
+def _log_record(token: str, logfile: str, start: datetime.datetime) -> dict:
+  """The log record of one scene (one drive of the rig's car)."""
+  return {
+    "token": token,
+    "logfile": logfile,
+    "vehicle": VEHICLE,
+    "date_captured": f"{start:%Y-%m-%d}",
+    "location": LOCATION,
+  }
+
+
+def _sample_data_record(
+  token: str, sample_token: str, calib: dict, stamp: int, filename: str, prev: str, nxt: str
+) -> dict:
+  """A keyframe's sample_data record (a lidar sweep or a camera image, by its filename)."""
+  sweep = filename.endswith(".pcd.bin")
+  return {
+    "token": token,
+    "sample_token": sample_token,
+    "ego_pose_token": token,  # as in nuScenes, one ego pose per sample_data, same token
+    "calibrated_sensor_token": calib["token"],
+    "timestamp": stamp,
+    "fileformat": "pcd" if sweep else "jpg",
+    "is_key_frame": True,
+    "height": 0 if sweep else IMAGE_HEIGHT,
+    "width": 0 if sweep else IMAGE_WIDTH,
+    "filename": filename,
+    "prev": prev,
+    "next": nxt,
+  }
+
+
+def scene_tables(
+  seed: int,
+  index: int,
+  samples_per_scene: int,
+  name: str,
+  version: str,
+  sensor: str = lidar.DEFAULT_SENSOR,
+  cameras: bool = True,
+):
   """Table records of one scene and the jobs that render its files.
 
   Args:
@@ -104,13 +162,16 @@ def scene_tables(seed: int, index: int, samples_per_scene: int, name: str, versi
     samples_per_scene: keyframes in the scene.
     name: scene name.
     version: table version folder name (e.g. v1.0-synthetic).
+    sensor: lidar profile (a key of `lidar.SENSORS`).
+    cameras: whether the world has the six cameras (else LIDAR_TOP only).
 
   Returns:
     (records, jobs): a dict table name -> list of records (scene, log, sample,
     sample_data, ego_pose, lidarseg), and a list of SampleJob.
   """
   scene = world.build_scene(seed, index, samples_per_scene)
-  _, calib = rig()
+  _, calib = rig(sensor)
+  used = channels(cameras)
   rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, TABLE_STREAM)))
   scene_token, log_token = _token(rng), _token(rng)
   sample_tokens = [_token(rng) for _ in range(samples_per_scene)]
@@ -119,15 +180,7 @@ def scene_tables(seed: int, index: int, samples_per_scene: int, name: str, versi
   start = datetime.datetime.fromtimestamp(int(scene.lidar_us[0]) // 1_000_000, tz=datetime.UTC)
   logfile = f"{VEHICLE}-{start:%Y-%m-%d-%H-%M-%S}+0000-synthetic"
   records = {k: [] for k in ("scene", "log", "sample", "sample_data", "ego_pose", "lidarseg")}
-  records["log"].append(
-    {
-      "token": log_token,
-      "logfile": logfile,
-      "vehicle": VEHICLE,
-      "date_captured": f"{start:%Y-%m-%d}",
-      "location": LOCATION,
-    }
-  )
+  records["log"].append(_log_record(log_token, logfile, start))
   records["scene"].append(
     {
       "token": scene_token,
@@ -157,7 +210,7 @@ def scene_tables(seed: int, index: int, samples_per_scene: int, name: str, versi
       }
     )
     files = []
-    for c, channel in enumerate(CHANNELS):
+    for c, channel in enumerate(used):
       stamp = lidar_us if c == 0 else int(scene.camera_us[k, c - 1])
       token = sd_tokens[k][c]
       ext = "pcd.bin" if c == 0 else "jpg"
@@ -165,20 +218,7 @@ def scene_tables(seed: int, index: int, samples_per_scene: int, name: str, versi
       files.append(filename)
       prev, nxt = link([row[c] for row in sd_tokens], k)
       records["sample_data"].append(
-        {
-          "token": token,
-          "sample_token": sample_tokens[k],
-          "ego_pose_token": token,  # as in nuScenes, one ego pose per sample_data, same token
-          "calibrated_sensor_token": calib[channel]["token"],
-          "timestamp": stamp,
-          "fileformat": "pcd" if c == 0 else "jpg",
-          "is_key_frame": True,
-          "height": 0 if c == 0 else IMAGE_HEIGHT,
-          "width": 0 if c == 0 else IMAGE_WIDTH,
-          "filename": filename,
-          "prev": prev,
-          "next": nxt,
-        }
+        _sample_data_record(token, sample_tokens[k], calib[channel], stamp, filename, prev, nxt)
       )
       records["ego_pose"].append({"token": token, **scene.ego_pose(stamp)})
     lidarseg_file = f"lidarseg/{version}/{sd_tokens[k][0]}_lidarseg.bin"
@@ -191,12 +231,13 @@ def scene_tables(seed: int, index: int, samples_per_scene: int, name: str, versi
         scene_index=index,
         sample_index=k,
         samples_per_scene=samples_per_scene,
+        sensor=sensor,
         lidar_us=lidar_us,
         camera_us=tuple(int(v) for v in scene.camera_us[k]),
         lidar_file=files[0],
         lidarseg_file=lidarseg_file,
         camera_files=tuple(files[1:]),
-        classmap_files=tuple(f"synthetic/classmaps/{t}.png" for t in sd_tokens[k][1:]),
+        classmap_files=tuple(f"synthetic/classmaps/{t}.png" for t in sd_tokens[k][1 : len(used)]),
       )
     )
   return records, jobs
@@ -220,12 +261,18 @@ def map_record(seed: int, log_tokens: list[str]) -> dict:
   }
 
 
-def static_tables(seed: int, log_tokens: list[str]) -> dict:
-  """Tables shared by every scene: sensor, calibrated_sensor, category, map, empties."""
-  sensors, calib = rig()
+def static_tables(
+  seed: int, log_tokens: list[str], sensor: str = lidar.DEFAULT_SENSOR, cameras: bool = True
+) -> dict:
+  """Tables shared by every scene: sensor, calibrated_sensor, category, map, empties.
+
+  The sensor and calibrated_sensor tables hold the world's channels only.
+  """
+  sensors, calib = rig(sensor)
+  used = channels(cameras)
   tables = {
-    "sensor": sensors,
-    "calibrated_sensor": [calib[ch] for ch in CHANNELS],
+    "sensor": [s for s in sensors if s["channel"] in used],
+    "calibrated_sensor": [calib[ch] for ch in used],
     "category": resources.load_json("nuscenes_category"),
     "map": [map_record(seed, log_tokens)],
   }

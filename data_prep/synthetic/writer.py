@@ -10,6 +10,17 @@ Layout of the output folder:
   synthetic/classmaps/<cam sd token>.png  uint8 raw ids at 400 x 225 (255 sky)
   synthetic/meta.json                    generator parameters (written last)
 
+The lidar is a profile of `lidar.SENSORS` (`sensor`, default the nuScenes
+HDL-32E). A world without cameras (`cameras=False`: a lidar-only target, as
+SemanticKITTI is used) has no CAM_* folders, images or class maps, and only
+LIDAR_TOP records in its tables. meta.json records both: `lidar` describes the
+profile (`model`, beams, elevations, azimuth steps, and `mount_height_m` where
+the profile moves the lidar off the nuScenes rig), and `cameras` lists the
+camera channels (empty without cameras; `image`, `classmap` and
+`camera_offset_us` are then absent). No key names the profile itself, so the
+default world's meta.json keeps its bytes: worlds already written, and the
+synthetic teacher's weights hash (which covers meta.json), stay valid.
+
 The world is written into a temporary sibling folder that is renamed into place
 at the end, so an interrupted run never leaves a folder that looks complete.
 """
@@ -35,17 +46,37 @@ FORMAT_VERSION = 1
 SAMPLE_STREAM, GRAIN_STREAM = 2, 3  # spawn_key components (see world.WORLD_STREAM)
 
 
-def make_meta(seed: int, scenes: int, samples_per_scene: int, version: str) -> dict:
-  """Generator parameters recorded in synthetic/meta.json."""
-  w, h = tables.IMAGE_WIDTH, tables.IMAGE_HEIGHT
-  return {
+def make_meta(
+  seed: int,
+  scenes: int,
+  samples_per_scene: int,
+  version: str,
+  sensor: str = lidar.DEFAULT_SENSOR,
+  cameras: bool = True,
+) -> dict:
+  """Generator parameters recorded in synthetic/meta.json (module docstring)."""
+  meta = {
     "format_version": FORMAT_VERSION,
     "generator": "data_prep.synthetic",
     "seed": seed,
     "scenes": scenes,
     "samples_per_scene": samples_per_scene,
     "version": version,
-    "cameras": list(NUSCENES_CAMERAS),
+    "cameras": list(NUSCENES_CAMERAS) if cameras else [],
+  }
+  if cameras:
+    meta |= _camera_meta()
+  meta["lidar"] = _lidar_meta(sensor)
+  meta["keyframe_period_us"] = world.KEYFRAME_PERIOD_US
+  if cameras:
+    meta["camera_offset_us"] = [int(v) for v in world.CAMERA_OFFSET_US]
+  return meta
+
+
+def _camera_meta() -> dict:
+  """The `image` and `classmap` entries of meta.json."""
+  w, h = tables.IMAGE_WIDTH, tables.IMAGE_HEIGHT
+  return {
     "image": {"width": w, "height": h, "jpeg_quality": render.JPEG_QUALITY},
     "classmap": {
       "dir": "synthetic/classmaps",
@@ -56,17 +87,30 @@ def make_meta(seed: int, scenes: int, samples_per_scene: int, version: str) -> d
       "values": "raw lidarseg ids (category index)",
       "sky_id": render.SKY_ID,
     },
-    "lidar": {
-      "model": "Velodyne HDL-32E",
-      "elevation_deg": [float(lidar.ELEVATIONS_DEG[0]), float(lidar.ELEVATIONS_DEG[-1])],
-      "beams": len(lidar.ELEVATIONS_DEG),
-      "azimuth_steps": lidar.N_AZIMUTH,
-      "max_range_m": lidar.MAX_RANGE,
-      "range_noise_m": lidar.RANGE_NOISE,
-    },
-    "keyframe_period_us": world.KEYFRAME_PERIOD_US,
-    "camera_offset_us": [int(v) for v in world.CAMERA_OFFSET_US],
   }
+
+
+def _lidar_meta(sensor: str) -> dict:
+  """The `lidar` entry of meta.json: the profile's parameters."""
+  spec = lidar.profile(sensor)
+  out = {
+    "model": spec.model,
+    "elevation_deg": [float(spec.elevations_deg[0]), float(spec.elevations_deg[-1])],
+    "beams": len(spec.elevations_deg),
+    "azimuth_steps": spec.n_azimuth,
+    "max_range_m": lidar.MAX_RANGE,
+    "range_noise_m": lidar.RANGE_NOISE,
+  }
+  if spec.mount_height is not None:
+    out["mount_height_m"] = spec.mount_height
+  return out
+
+
+def describe_rig(meta: dict) -> str:
+  """The sensors of a world's meta.json in words, e.g. 'Velodyne HDL-32E with 6 cameras'."""
+  model = meta.get("lidar", {}).get("model", "an unknown lidar")
+  n = len(meta.get("cameras", []))
+  return f"{model} with {n} cameras" if n else f"{model} without cameras"
 
 
 @functools.lru_cache(maxsize=2)
@@ -86,20 +130,21 @@ def render_sample(job: tables.SampleJob, root: str) -> dict:
     Statistics: `points`, `label_counts` (32,) and bytes written per kind.
   """
   scene = world.build_scene(job.seed, job.scene_index, job.samples_per_scene)
-  _, calib = tables.rig()
+  _, calib = tables.rig(job.sensor)
   key = (job.scene_index, SAMPLE_STREAM, job.sample_index)
   rng = np.random.default_rng(np.random.SeedSequence(job.seed, spawn_key=key))
   base = pathlib.Path(root)
   sizes = {"sweep": 0, "lidarseg": 0, "jpeg": 0, "classmap": 0}
 
-  points, labels = lidar.sweep(scene, calib[tables.LIDAR], job.lidar_us, rng)
+  points, labels = lidar.sweep(scene, calib[tables.LIDAR], job.lidar_us, rng, job.sensor)
   (base / job.lidar_file).write_bytes(points.astype("<f4").tobytes())
   (base / job.lidarseg_file).write_bytes(labels.astype(np.uint8).tobytes())
   sizes["sweep"] += points.nbytes
   sizes["lidarseg"] += labels.nbytes
 
-  grain = _grain(job.seed, job.scene_index)
-  for c, channel in enumerate(NUSCENES_CAMERAS):
+  # A world without cameras has no camera files: nothing more is drawn from rng.
+  grain = _grain(job.seed, job.scene_index) if job.camera_files else None
+  for c, channel in enumerate(NUSCENES_CAMERAS[: len(job.camera_files)]):
     jpeg, classmap = render.render_camera(
       scene, calib[channel], job.camera_us[c], tables.IMAGE_WIDTH, tables.IMAGE_HEIGHT, rng, grain
     )
@@ -133,6 +178,11 @@ def _check_existing(out: pathlib.Path, meta: dict) -> bool:
   meta_path = out / "synthetic" / "meta.json"
   if meta_path.is_file():
     existing = json.loads(meta_path.read_text())
+    if describe_rig(existing) != describe_rig(meta) or existing.get("lidar") != meta["lidar"]:
+      raise FileExistsError(
+        f"{out} holds a different synthetic world, of other sensors ({describe_rig(existing)}, "
+        f"not {describe_rig(meta)}); choose another --out or delete that folder"
+      )
     if existing != meta:
       diff = sorted(k for k in set(existing) | set(meta) if existing.get(k) != meta.get(k))
       raise FileExistsError(
@@ -141,7 +191,7 @@ def _check_existing(out: pathlib.Path, meta: dict) -> bool:
       )
     sample_data = out / meta["version"] / "sample_data.json"
     records = json.loads(sample_data.read_text()) if sample_data.is_file() else []
-    expected = meta["scenes"] * meta["samples_per_scene"] * len(tables.CHANNELS)
+    expected = meta["scenes"] * meta["samples_per_scene"] * (1 + len(meta["cameras"]))
     missing = [r["filename"] for r in records if not (out / r["filename"]).is_file()]
     if len(records) != expected or missing:
       raise FileExistsError(
@@ -155,8 +205,17 @@ def _check_existing(out: pathlib.Path, meta: dict) -> bool:
   return False
 
 
-def validate(scenes: int, samples_per_scene: int, seed: int, version: str, workers: int) -> None:
-  """Raises ValueError with a clear message for unusable arguments."""
+def validate(
+  scenes: int,
+  samples_per_scene: int,
+  seed: int,
+  version: str,
+  workers: int,
+  sensor: str = lidar.DEFAULT_SENSOR,
+) -> None:
+  """Raises ValueError (errors.ConfigError) with a clear message for unusable arguments."""
+  if sensor not in lidar.SENSORS:
+    raise errors.ConfigError(f"--sensor must be one of {', '.join(lidar.SENSORS)}, got {sensor!r}")
   if scenes < 2:
     raise errors.ConfigError(
       f"--scenes must be at least 2 (one validation and one training scene), got {scenes}"
@@ -184,6 +243,8 @@ def generate(
   seed: int,
   version: str = "v1.0-synthetic",
   workers: int = 1,
+  sensor: str = lidar.DEFAULT_SENSOR,
+  cameras: bool = True,
 ):
   """Generates a synthetic world into `out`.
 
@@ -195,6 +256,11 @@ def generate(
     seed: world seed; same arguments give byte-identical files.
     version: name of the table folder.
     workers: processes rendering samples.
+    sensor: lidar profile, a key of `lidar.SENSORS` ("hdl32": the nuScenes
+      LIDAR_TOP; "hdl64": KITTI's HDL-64E). The scenes themselves depend
+      only on the seed.
+    cameras: False writes a lidar-only world: no camera records, images or
+      class maps.
 
   Returns:
     None if the world already existed, else a list of per-sample statistics
@@ -202,11 +268,12 @@ def generate(
 
   Raises:
     ValueError: for invalid arguments.
-    FileExistsError: if `out` holds something else.
+    FileExistsError: if `out` holds something else (a world of other
+      sensors included).
   """
-  validate(scenes, samples_per_scene, seed, version, workers)
+  validate(scenes, samples_per_scene, seed, version, workers, sensor)
   out = pathlib.Path(out).absolute()
-  meta = make_meta(seed, scenes, samples_per_scene, version)
+  meta = make_meta(seed, scenes, samples_per_scene, version, sensor, cameras)
   if _check_existing(out, meta):
     return None
   names = tables.scene_names(seed, scenes)
@@ -216,17 +283,20 @@ def generate(
   try:
     all_tables, jobs = {}, []
     for index, name in enumerate(names):
-      records, scene_jobs = tables.scene_tables(seed, index, samples_per_scene, name, version)
+      records, scene_jobs = tables.scene_tables(
+        seed, index, samples_per_scene, name, version, sensor, cameras
+      )
       for key, rows in records.items():
         all_tables.setdefault(key, []).extend(rows)
       jobs += scene_jobs
-    all_tables.update(tables.static_tables(seed, [log["token"] for log in all_tables["log"]]))
+    logs = [log["token"] for log in all_tables["log"]]
+    all_tables.update(tables.static_tables(seed, logs, sensor, cameras))
     folders = [
       version,
       f"lidarseg/{version}",
-      "synthetic/classmaps",
+      *(["synthetic/classmaps"] if cameras else ["synthetic"]),
       "maps",
-      *(f"samples/{c}" for c in tables.CHANNELS),
+      *(f"samples/{c}" for c in tables.channels(cameras)),
     ]
     for sub in folders:
       (tmp / sub).mkdir(parents=True, exist_ok=True)
