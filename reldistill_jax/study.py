@@ -1,43 +1,54 @@
 r"""The loss study on the synthetic world: every loss x seeds, against the teacher's ceiling.
 
   python -m reldistill_jax.study --workdir DIR [--preset quick|full] [--out FILE]
-      [--model ptv3_base] [--losses relational,contrastive,similarity] [--seeds 0,1,2]
+      [--model ptv3_base] [--configs relational,contrastive,...] [--seeds 0,1,2]
       [--pretrain_steps N] [--finetune_epochs N]
 
-Each run is the embedded default (configs/default.py) with the loss, the seed
-(pretraining and fine-tuning), the preset's pretraining steps and its zero-shot
-curve (`curves.py`), in `<workdir>/<loss>_s<seed>`, all on one shared synthetic
-world (`<workdir>/data`); finished runs are reused when the study is restarted.
-First each loss gets its learning rate (and the contrastive loss its
-temperature) from a small sweep on held-out training scenes (SLidR's
-parametrize protocol: pretrain on `train_parametrize`, score zero-shot on
-`train_verify`; `sweep`); then every loss runs with its own settings and the
-same student, data, augmentations and steps. Presets (`PRESETS`): `quick` is
-what the tests run (13 one-keyframe scenes, 2 seeds, 8 steps, a 2-point
-sweep); `full` is the study (20 scenes of 8 keyframes, 5 seeds, 600 steps, a
-sweep of 3 learning rates and 2 temperatures). The flags after `--preset`
-override it.
+A configuration (`CONFIGS`) is a loss, or an ablation of the relational loss
+(one term or option changed). Each run is the embedded default
+(configs/default.py) with the configuration, the seed (pretraining and
+fine-tuning), the preset's student, batch, pretraining steps and zero-shot
+curve (`curves.py`), in `<workdir>/<configuration>_s<seed>`, all on one shared
+synthetic world (`<workdir>/data`); finished runs (and finished stages of a
+run) are reused when the study is restarted. First each loss gets its learning
+rate (and the contrastive loss its temperature) from a small sweep on held-out
+training scenes (SLidR's parametrize protocol: pretrain on
+`train_parametrize`, score zero-shot on `train_verify`; `sweep`); the
+ablations take the relational loss's settings. Then every configuration runs
+with the same student, data, augmentations and steps. The out-of-distribution
+target (`ood_config`) is a second world of another layout seen through another
+sensor, a 64-beam lidar without cameras, the synthetic stand-in for
+SemanticKITTI: each pretrained student is also fine-tuned on its 1% and
+scored on its validation scans. Presets (`PRESETS`): `quick` is what the tests
+run; `full` is the study. The flags after `--preset` override it.
 
 Writes `--out` (default `<workdir>/loss_study.json`):
   sweep            per loss, every candidate's zero-shot mIoU on train_verify
                    and the settings chosen;
-  runs             one row per run: loss, seed, steps, zeroshot_miou (every
-                   point), zeroshot_miou_paired (the paired points),
-                   fewshot_miou (1%), G, converged (`curves.convergence`),
+  runs             one row per run: loss (the configuration), seed, steps,
+                   zeroshot_miou (every point), zeroshot_miou_paired (the
+                   paired points), fewshot_miou (1%), fewshot_ood_miou (1% of
+                   the OOD world), G, converged (`curves.convergence`),
                    gain_last_quarter, teacher_ceiling, final_loss;
-  summary          per loss and metric: mean, std, 95% t interval, n
+  summary          per configuration and metric: mean, std, 95% t interval, n
                    (`stats.summary`);
   teacher_ceiling  the teacher's own zero-shot mIoU at the paired points of the
                    validation scans (the same world for every run);
+  supervised_bound the same student fine-tuned from scratch on every labelled
+                   training scan, mIoU on every validation point (what its
+                   input and size allow with all labels), and per class;
   tests            the paper's claims as one-sided paired t-tests across
                    seeds (`stats.paired_test`), whichever way they fall;
+  ablations        the relational loss against each of its ablations, the same
+                   tests on zero-shot mIoU;
   gap_study        G against each mIoU over all runs, with n;
 and `<workdir>/study.md` (the table), `<workdir>/plots/study_curves.png`
-(zero-shot mIoU against steps per loss, with the ceiling) and
-`study_bars.png` (each loss against the ceiling), `<workdir>/gap/` (the gap
+(zero-shot mIoU against steps per configuration, with the ceiling) and
+`study_bars.png` (each against the ceiling), `<workdir>/gap/` (the gap
 study's report and scatter plot).
 """
 
+import copy
 import dataclasses
 import datetime
 import json
@@ -57,15 +68,31 @@ from reldistill_jax import (
   curves,
   evaluation_runs,
   files,
+  finetune,
   hardware,
   pipeline,
   report,
   stats,
+  study_report,
   train,
 )
 
 LOSSES = ("relational", "contrastive", "similarity")
-METRICS = ("zeroshot_miou", "zeroshot_miou_paired", "fewshot_miou", "G")
+# name -> (loss, settings of `config.pretrain.loss` beyond the default's). The
+# ablations change one thing of the relational loss each.
+CONFIGS = {
+  "relational": ("relational", {}),
+  "contrastive": ("contrastive", {}),
+  "similarity": ("similarity", {}),
+  "relational_cross_only": ("relational", {"w_intra": 0.0}),
+  "relational_intra_only": ("relational", {"w_cross": 0.0}),
+  "relational_no_diagonal": ("relational", {"diagonal": False}),
+  "relational_squared": ("relational", {"distance": "squared"}),
+}
+ABLATIONS = tuple(name for name in CONFIGS if name not in LOSSES)
+METRICS = ("zeroshot_miou", "zeroshot_miou_paired", "fewshot_miou", "fewshot_ood_miou", "G")
+# The out-of-distribution world: another layout, a 64-beam lidar, no cameras.
+OOD_WORLD = {"seed": 1, "sensor": "hdl64", "cameras": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,41 +102,57 @@ class Preset:
   Attributes:
     world: the argument of configs/default.py for the world and the training
       sizes ("runlocal": a 3-scene world and small batches; "": the default).
-    scenes: scenes of the world instead of the world argument's (0: keep).
-    samples_per_scene: keyframes per scene likewise (0: keep).
-    losses: the losses compared.
-    seeds: one run per loss and seed; runs with the same seed pair up.
+    configs: the configurations compared (`CONFIGS` names).
+    seeds: one run per configuration and seed; runs with the same seed pair up.
     steps: pretraining steps of every run.
     eval_every: steps between two points of the zero-shot curve.
-    epochs: epochs of 1% fine-tuning.
+    epochs: epochs of 1% fine-tuning (in and out of distribution).
+    scenes: scenes of the world instead of the world argument's (0: keep).
+    samples_per_scene: keyframes per scene likewise (0: keep).
+    variant: the attention student's variant (`point_encoder.VARIANTS`; "":
+      the world argument's); a MinkUNet keeps its own.
+    batch_size: scans per pretraining step (0: the world argument's).
     sweep_steps: pretraining steps of each sweep run (0: no sweep; every loss
       keeps the default config's learning rate and temperature).
     sweep_lrs: learning rates tried for every loss.
     sweep_temperatures: temperatures tried for the contrastive loss.
+    ood_scenes: scenes of the out-of-distribution world (0: no OOD target).
+    ood_samples_per_scene: its keyframes per scene.
+    supervised_epochs: epochs of the supervised bound (0: none), the
+      student trained from scratch on every labelled training scan.
   """
 
   world: str
-  losses: tuple[str, ...]
+  configs: tuple[str, ...]
   seeds: tuple[int, ...]
   steps: int
   eval_every: int
   epochs: int
   scenes: int = 0
   samples_per_scene: int = 0
+  variant: str = ""
+  batch_size: int = 0
   sweep_steps: int = 0
   sweep_lrs: tuple[float, ...] = ()
   sweep_temperatures: tuple[float, ...] = ()
+  ood_scenes: int = 0
+  ood_samples_per_scene: int = 0
+  supervised_epochs: int = 0
 
 
 PRESETS = {
-  # 13 scenes of one keyframe: the smallest world with a held-out training scene.
+  # 13 scenes of one keyframe: the smallest world with a held-out training scene; the
+  # three losses and one ablation, a sweep of the contrastive temperature only.
   "quick": Preset(
-    "runlocal", LOSSES, (0, 1), steps=8, eval_every=4, epochs=4, scenes=13,
-    samples_per_scene=1, sweep_steps=4, sweep_lrs=(1e-3, 2e-3), sweep_temperatures=(0.07,),
+    "runlocal", (*LOSSES, "relational_squared"), (0, 1), steps=8, eval_every=4, epochs=2,
+    scenes=13, samples_per_scene=1, sweep_steps=4, sweep_lrs=(2e-3,),
+    sweep_temperatures=(0.07, 0.2), ood_scenes=3, ood_samples_per_scene=1, supervised_epochs=2,
   ),
+  # The study on 2 CPU cores: the tiny student (a wider one costs 5x a step), 2 scans a step.
   "full": Preset(
-    "", LOSSES, (0, 1, 2, 3, 4), steps=600, eval_every=50, epochs=40, scenes=20,
-    sweep_steps=150, sweep_lrs=(1e-3, 2e-3, 4e-3), sweep_temperatures=(0.07, 0.2),
+    "", tuple(CONFIGS), (0, 1, 2, 3, 4), steps=400, eval_every=100, epochs=20, scenes=20,
+    batch_size=2, sweep_steps=100, sweep_lrs=(1e-3, 2e-3, 4e-3), sweep_temperatures=(0.07, 0.2),
+    ood_scenes=6, ood_samples_per_scene=4, supervised_epochs=10,
   ),
 }  # fmt: skip
 
@@ -122,19 +165,20 @@ CLAIMS = (
     "relational",
     "similarity",
   ),
-)
-OOD_CLAIM = "relational > similarity on 1% few-shot mIoU, out of distribution"
-OOD_NOTE = (
-  "not run: there is no synthetic out-of-distribution target yet (a second world with "
-  "another sensor)"
+  (
+    "relational > similarity on 1% few-shot mIoU, out of distribution",
+    "fewshot_ood_miou",
+    "relational",
+    "similarity",
+  ),
 )
 
 
 def run_config(
-  preset: Preset, workdir: pathlib.Path, loss: str, seed: int, model: str, settings=None
+  preset: Preset, workdir: pathlib.Path, name: str, seed: int, model: str, settings=None
 ):
-  """The configs/default.py config of one run of the study, with the loss's `settings`
-  ({"lr": ..., "temperature": ...}, from the sweep)."""
+  """The configs/default.py config of one run of the study: configuration `name`, with
+  the loss's `settings` ({"lr": ..., "temperature": ...}, from the sweep)."""
   arg = ",".join(a for a in (preset.world, f"model={model}") if a)
   config = default_config.get_config(arg)
   config.data.root = str(workdir / "data")
@@ -144,14 +188,32 @@ def run_config(
   )
   config.data.parametrize = bool(preset.sweep_steps)
   pre, ft = config.pretrain, config.finetune
+  loss, options = CONFIGS[name]
   pre.loss.name = loss
+  for key, value in options.items():
+    pre.loss[key] = value
   pre.seed = ft.seed = seed
   pre.num_steps = preset.steps
   pre.eval.every = preset.eval_every
   pre.checkpoint.every = max(preset.eval_every, pre.checkpoint.every)
+  if preset.variant and pre.model.name == "point_encoder":
+    pre.model.variant = ft.model.variant = preset.variant
+  if preset.batch_size:
+    pre.input.batch_size = pre.input.pack_size = preset.batch_size
   for key, value in (settings or {}).items():
     (pre.optimizer if key == "lr" else pre.loss)[key] = value
   ft.num_epochs = preset.epochs
+  return config
+
+
+def ood_config(preset: Preset, workdir: pathlib.Path, model: str):
+  """The configs/default.py config of the out-of-distribution world (`OOD_WORLD`)."""
+  config = run_config(preset, workdir, LOSSES[0], 0, model)
+  config.data.root = str(workdir / "ood_data")
+  config.data.parametrize = False
+  config.data.world.scenes = preset.ood_scenes
+  config.data.world.samples_per_scene = preset.ood_samples_per_scene
+  config.data.world.update(OOD_WORLD)
   return config
 
 
@@ -161,6 +223,12 @@ def candidates(preset: Preset, loss: str) -> list[dict]:
   if not temperatures:
     return [{"lr": lr} for lr in preset.sweep_lrs]
   return [{"lr": lr, "temperature": t} for lr in preset.sweep_lrs for t in temperatures]
+
+
+def swept_losses(preset: Preset) -> list[str]:
+  """The losses of the preset's configurations, in `LOSSES` order."""
+  used = {CONFIGS[name][0] for name in preset.configs}
+  return [loss for loss in LOSSES if loss in used]
 
 
 def sweep(preset: Preset, workdir: pathlib.Path, model: str) -> dict:
@@ -178,7 +246,7 @@ def sweep(preset: Preset, workdir: pathlib.Path, model: str) -> dict:
     return {}
   paths = pipeline.prepare_synthetic_data(run_config(preset, workdir, LOSSES[0], 0, model), workdir)
   results = {}
-  for loss in preset.losses:
+  for loss in swept_losses(preset):
     trials = []
     for settings in candidates(preset, loss):
       run = workdir / "sweep" / (loss + "".join(f"_{k}{v:g}" for k, v in settings.items()))
@@ -198,17 +266,48 @@ def sweep(preset: Preset, workdir: pathlib.Path, model: str) -> dict:
   return results
 
 
-def run_row(run: pathlib.Path, loss: str, seed: int) -> dict:
-  """The study's row of a finished run, from its metrics.json."""
+def fewshot_ood(config, ood_paths: dict, run: pathlib.Path) -> dict:
+  """Fine-tunes the run's pretrained student on the OOD world's 1% and scores its
+  validation scans (the run's own few-shot recipe); returns those metrics."""
+  ft = copy.deepcopy(config.finetune)
+  ft.input.buckets = str(ood_paths["buckets/train_1pct"])
+  ft.input.val_buckets = str(ood_paths["buckets/val"])
+  ft.checkpoint.init_from = str((run / "pretrain" / "checkpoints").absolute())
+  return finetune.finetune_and_evaluate(ft, run / "fewshot_ood")["metrics"]
+
+
+def supervised_bound(preset: Preset, workdir: pathlib.Path, model: str) -> dict | None:
+  """The study's student fine-tuned from scratch on every labelled training scan (seed 0,
+  the few-shot recipe), scored on the validation scans: what its input and size allow with
+  all the labels, beside the teacher's ceiling. None without `supervised_epochs`."""
+  if not preset.supervised_epochs:
+    return None
+  config = run_config(preset, workdir, LOSSES[0], 0, model)
+  paths = pipeline.prepare_synthetic_data(config, workdir)
+  ft = copy.deepcopy(config.finetune)
+  ft.input.buckets = str(paths["buckets/train"])
+  ft.input.val_buckets = str(paths["buckets/val"])
+  ft.input.split, ft.subset, ft.label_fraction = "train", "all_train_scans", 1.0
+  ft.num_epochs = preset.supervised_epochs
+  run = workdir / "supervised"
+  if not (run / "metrics.json").is_file():
+    finetune.finetune_and_evaluate(ft, run)
+  return json.loads((run / "metrics.json").read_text())["fewshot"]
+
+
+def run_row(run: pathlib.Path, name: str, seed: int) -> dict:
+  """The study's row of a finished run, from its metrics.json (and fewshot_ood/'s)."""
   metrics = json.loads((run / "metrics.json").read_text())
+  ood = run / "fewshot_ood" / "metrics.json"
   pre = metrics["pretrain"]
   return {
-    "loss": loss,
+    "loss": name,
     "seed": seed,
     "steps": pre["steps"],
     "zeroshot_miou": metrics["zeroshot"]["miou"],
     "zeroshot_miou_paired": metrics["zeroshot"]["miou_paired"],
     "fewshot_miou": metrics["fewshot_1pct"]["miou"],
+    "fewshot_ood_miou": json.loads(ood.read_text())["fewshot"]["miou"] if ood.is_file() else None,
     "G": metrics["gap"]["G"],
     "converged": pre["convergence"]["converged"],
     "gain_last_quarter": pre["convergence"]["gain_last_quarter"],
@@ -218,44 +317,68 @@ def run_row(run: pathlib.Path, loss: str, seed: int) -> dict:
   }
 
 
+def _paired(rows, seeds, claim: str, metric: str, better: str, other: str) -> dict:
+  value = {(r["loss"], r["seed"]): r[metric] for r in rows}
+  a = [value.get((better, s)) for s in seeds]
+  b = [value.get((other, s)) for s in seeds]
+  return stats.paired_test(a, b, claim) | {"metric": metric}
+
+
 def claims(rows: Sequence[dict], seeds: Sequence[int]) -> list[dict]:
-  """The paired tests of `CLAIMS` (runs paired by seed), and the OOD claim's note."""
-  value = {(r["loss"], r["seed"], m): r[m] for r in rows for m in METRICS}
-  tests = []
-  for claim, metric, better, other in CLAIMS:
-    a = [value.get((better, s, metric)) for s in seeds]
-    b = [value.get((other, s, metric)) for s in seeds]
-    tests.append(stats.paired_test(a, b, claim) | {"metric": metric})
-  tests.append({"claim": OOD_CLAIM, "n": 0, "p_value": None, "holds": None, "note": OOD_NOTE})
-  return tests
+  """The paired tests of `CLAIMS` (runs paired by seed)."""
+  return [_paired(rows, seeds, *claim) for claim in CLAIMS]
 
 
-def summarise(rows: Sequence[dict], losses: Sequence[str]) -> dict:
-  """{loss: {metric: stats.summary, "converged": "k of n"}}."""
+def ablation_tests(rows: Sequence[dict], seeds: Sequence[int]) -> list[dict]:
+  """The relational loss against each ablation in `rows`, on zero-shot mIoU, paired by seed."""
+  present = {r["loss"] for r in rows}
+  return [
+    _paired(rows, seeds, f"relational > {name} on zero-shot mIoU", "zeroshot_miou",
+            "relational", name)
+    for name in ABLATIONS if name in present and "relational" in present
+  ]  # fmt: skip
+
+
+def summarise(rows: Sequence[dict], names: Sequence[str]) -> dict:
+  """{configuration: {metric: stats.summary, "converged": "k of n"}}."""
   summary = {}
-  for loss in losses:
-    mine = [r for r in rows if r["loss"] == loss]
-    summary[loss] = {m: stats.summary([r[m] for r in mine]) for m in METRICS}
-    summary[loss]["converged"] = f"{sum(r['converged'] is True for r in mine)} of {len(mine)}"
+  for name in names:
+    mine = [r for r in rows if r["loss"] == name]
+    summary[name] = {m: stats.summary([r[m] for r in mine]) for m in METRICS}
+    summary[name]["converged"] = f"{sum(r['converged'] is True for r in mine)} of {len(mine)}"
   return summary
+
+
+def _runs(preset: Preset, workdir: pathlib.Path, model: str, swept: dict):
+  """Runs (or reuses) every configuration x seed; yields (name, seed, run folder)."""
+  ood_paths = None
+  if preset.ood_scenes:
+    ood = ood_config(preset, workdir, model)
+    ood_paths = pipeline.prepare_synthetic_data(ood, workdir)
+  for name in preset.configs:
+    settings = swept.get(CONFIGS[name][0], {}).get("chosen")
+    for seed in preset.seeds:
+      run = workdir / f"{name}_s{seed}"
+      config = run_config(preset, workdir, name, seed, model, settings)
+      if not (run / "metrics.json").is_file():
+        pipeline.run_default(config, run)
+      if ood_paths and not (run / "fewshot_ood" / "metrics.json").is_file():
+        fewshot_ood(config, ood_paths, run)
+      yield name, seed, run
 
 
 def run_study(
   workdir: str | pathlib.Path, preset: Preset, model: str = "ptv3_base", out=None
 ) -> dict:
-  """Runs every (loss, seed) of `preset` and writes the study (module docstring)."""
+  """Runs every (configuration, seed) of `preset` and writes the study (module docstring)."""
   workdir = pathlib.Path(workdir)
   start = time.perf_counter()
   swept = sweep(preset, workdir, model)
+  supervised = supervised_bound(preset, workdir, model)
   rows, histories = [], {}
-  for loss in preset.losses:
-    settings = swept.get(loss, {}).get("chosen")
-    for seed in preset.seeds:
-      run = workdir / f"{loss}_s{seed}"
-      if not (run / "metrics.json").is_file():
-        pipeline.run_default(run_config(preset, workdir, loss, seed, model, settings), run)
-      rows.append(run_row(run, loss, seed))
-      histories[(loss, seed)] = json.loads((run / "metrics.json").read_text())["pretrain"]["curve"]
+  for name, seed, run in _runs(preset, workdir, model, swept):
+    rows.append(run_row(run, name, seed))
+    histories[(name, seed)] = json.loads((run / "metrics.json").read_text())["pretrain"]["curve"]
   ceilings = {r["teacher_ceiling"] for r in rows}
   if len(ceilings) != 1:
     raise ValueError(f"the runs of one world give different teacher ceilings: {sorted(ceilings)}")
@@ -267,9 +390,12 @@ def run_study(
     "model": model,
     "runs": rows,
     "sweep": swept,
-    "summary": summarise(rows, preset.losses),
+    "summary": summarise(rows, preset.configs),
     "teacher_ceiling": ceilings.pop(),
+    "supervised_bound": None if supervised is None else supervised["miou"],
+    "supervised_bound_per_class": None if supervised is None else supervised["per_class_iou"],
     "tests": claims(rows, preset.seeds),
+    "ablations": ablation_tests(rows, preset.seeds),
     "gap_study": gap_rows,
     "machine": hardware.machine(),
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -278,121 +404,11 @@ def run_study(
   }
   out = pathlib.Path(out or workdir / "loss_study.json")
   files.atomic_write(out, json.dumps(report.to_jsonable(study), indent=2))
-  files.atomic_write(workdir / "study.md", markdown(study))
-  plot_curves(histories, study["teacher_ceiling"], workdir / "plots" / "study_curves.png")
-  plot_bars(study, workdir / "plots" / "study_bars.png")
+  files.atomic_write(workdir / "study.md", study_report.markdown(study))
+  plots = workdir / "plots"
+  study_report.plot_curves(histories, study["teacher_ceiling"], plots / "study_curves.png")
+  study_report.plot_bars(study, plots / "study_bars.png")
   return study
-
-
-def _cell(s: dict, scale: float) -> str:
-  if s["mean"] is None:
-    return "n/a"
-  if s["ci95"] is None:
-    return f"{scale * s['mean']:.2f}"
-  low, high = (scale * v for v in s["ci95"])
-  return f"{scale * s['mean']:.2f} +- {scale * s['std']:.2f} [{low:.2f}, {high:.2f}]"
-
-
-def _world(preset: dict) -> str:
-  """The world and sizes of a preset, in words."""
-  size = f"configs/default.py:{preset['world']}" if preset["world"] else "configs/default.py"
-  if preset.get("scenes"):
-    keyframes = preset.get("samples_per_scene") or "default"
-    size += f", {preset['scenes']} scenes of {keyframes} keyframe(s)"
-  return size
-
-
-def _settings(settings: dict) -> str:
-  return ", ".join(f"{k} {v:g}" for k, v in settings.items())
-
-
-def markdown(study: dict) -> str:
-  """The study's table (mean +- std [95% t interval]) and its tests."""
-  preset = study["preset"]
-  ceiling = 100 * study["teacher_ceiling"]
-  lines = [
-    f"Synthetic world ({_world(preset)}), {len(preset['seeds'])} seeds per loss, "
-    f"{preset['steps']} pretraining steps, {preset['epochs']} epochs of 1% fine-tuning; "
-    "mean +- std [95% t interval]. Teacher's zero-shot mIoU at the paired points (the "
-    f"ceiling): {ceiling:.2f}%.",
-    "",
-    "| loss | zero-shot mIoU (%) | on the paired points (%) | share of the ceiling | "
-    "1% few-shot mIoU (%) | G | converged |",
-    "|---|---|---|---|---|---|---|",
-  ]
-  for loss, s in study["summary"].items():
-    paired = s["zeroshot_miou_paired"]["mean"]
-    share = "n/a" if paired is None else f"{100 * paired / study['teacher_ceiling']:.0f}%"
-    lines.append(
-      f"| {loss} | {_cell(s['zeroshot_miou'], 100)} | {_cell(s['zeroshot_miou_paired'], 100)} | "
-      f"{share} | {_cell(s['fewshot_miou'], 100)} | {_cell(s['G'], 1)} | {s['converged']} |"
-    )
-  lines.append("")
-  for loss, result in study.get("sweep", {}).items():
-    tried = ", ".join(
-      f"{_settings(t['settings'])}: {100 * t['verify_zeroshot_miou']:.2f}%"
-      for t in result["trials"]
-    )
-    lines.append(f"- {loss}: {_settings(result['chosen'])} chosen on train_verify ({tried}).")
-  for test in study["tests"]:
-    if test["p_value"] is None:
-      lines.append(f"- {test['claim']}: no test ({test['note']}).")
-      continue
-    low, high = (100 * v for v in test["ci95_difference"])
-    verdict = "holds" if test["holds"] else "not supported"
-    lines.append(
-      f"- {test['claim']}: {verdict} (paired t-test over {test['n']} seeds, one-sided p = "
-      f"{test['p_value']:.3g}; mean difference {100 * test['mean_difference']:.2f} points, "
-      f"95% interval [{low:.2f}, {high:.2f}])."
-    )
-  for target, result in study["gap_study"].items():
-    rho = result["spearman_rho"]
-    lines.append(
-      f"- G against {target}: Spearman rho = {rho:.3f} (p = {result['spearman_p']:.3g}), "
-      f"n = {result['n']}."
-      if np.isfinite(rho)
-      else f"- G against {target}: {result['note']}."
-    )
-  return "\n".join(lines) + "\n"
-
-
-def plot_curves(histories: dict, ceiling: float, path) -> pathlib.Path:
-  """Zero-shot mIoU against steps, one line per loss (mean over seeds, seeds faint)."""
-  fig = report.figure(7.0, 4.2)
-  ax = fig.subplots()
-  losses = list(dict.fromkeys(loss for loss, _ in histories))
-  for i, loss in enumerate(losses):
-    colour = f"C{i}"
-    runs = [np.array(c[curves.KEY], float) for (name, _), c in histories.items() if name == loss]
-    for r in runs:
-      ax.plot(r[:, 0], 100 * r[:, 1], color=colour, alpha=0.25, lw=0.8)
-    if all(len(r) == len(runs[0]) for r in runs):
-      ax.plot(runs[0][:, 0], 100 * np.mean([r[:, 1] for r in runs], 0), color=colour, label=loss)
-  ax.axhline(100 * ceiling, color="k", ls="--", lw=1, label="teacher (ceiling, paired points)")
-  ax.set(xlabel="pretraining step", ylabel="zero-shot mIoU (%)", title="Zero-shot mIoU per loss")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  return report.save_figure(fig, path)
-
-
-def plot_bars(study: dict, path) -> pathlib.Path:
-  """Zero-shot mIoU on the paired points per loss (mean and 95% interval) against the ceiling."""
-  fig = report.figure(6.0, 4.0)
-  ax = fig.subplots()
-  names = list(study["summary"])
-  means = [100 * (study["summary"][n]["zeroshot_miou_paired"]["mean"] or 0) for n in names]
-  errors = [
-    [m - 100 * ci[0], 100 * ci[1] - m] if (ci := study["summary"][n]["zeroshot_miou_paired"]["ci95"])
-    else [0, 0]
-    for m, n in zip(means, names, strict=True)
-  ]  # fmt: skip
-  ax.bar(
-    names, means, yerr=np.array(errors).T, capsize=4, color=[f"C{i}" for i in range(len(names))]
-  )
-  ax.axhline(100 * study["teacher_ceiling"], color="k", ls="--", lw=1, label="teacher (ceiling)")
-  ax.set(ylabel="zero-shot mIoU on the paired points (%)", title="Students against the ceiling")
-  ax.legend(fontsize=8)
-  return report.save_figure(fig, path)
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the study.")
@@ -400,9 +416,11 @@ _PRESET = flags.DEFINE_enum("preset", "full", list(PRESETS), "The study's size (
 _OUT = flags.DEFINE_string("out", None, "The study's JSON (default <workdir>/loss_study.json).")
 _MODEL = flags.DEFINE_enum(
   "model", "ptv3_base", list(common.MODELS),
-  "The student (configs/default.py model=; ptv3 runs its tiny variant).",
+  "The student (configs/default.py model=; ptv3 runs the preset's variant).",
 )  # fmt: skip
-_LOSSES = flags.DEFINE_list("losses", None, "Override the preset's losses.")
+_CONFIGS = flags.DEFINE_list(
+  "configs", None, f"Override the preset's configurations ({', '.join(CONFIGS)})."
+)
 _SEEDS = flags.DEFINE_list("seeds", None, "Override the preset's seeds.")
 _STEPS = flags.DEFINE_integer("pretrain_steps", None, "Override the preset's steps.")
 _EPOCHS = flags.DEFINE_integer("finetune_epochs", None, "Override the preset's epochs.")
@@ -412,16 +430,21 @@ def main(argv):
   del argv
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
+  unknown = sorted(set(_CONFIGS.value or ()) - set(CONFIGS))
+  if unknown:
+    raise app.UsageError(
+      f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(CONFIGS)}"
+    )
   preset = PRESETS[_PRESET.value]
   overrides = {
-    "losses": tuple(_LOSSES.value) if _LOSSES.value else None,
+    "configs": tuple(_CONFIGS.value) if _CONFIGS.value else None,
     "seeds": tuple(int(s) for s in _SEEDS.value) if _SEEDS.value else None,
     "steps": _STEPS.value,
     "epochs": _EPOCHS.value,
   }
   preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
   study = run_study(_WORKDIR.value, preset, _MODEL.value, _OUT.value)
-  print(markdown(study))
+  print(study_report.markdown(study))
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def test_committed_notebooks_have_no_outputs():
 def test_notebook_runs(name, session):
   notebook = nbformat.read(COLAB / f"{name}.ipynb", as_version=4)
   client = nbclient.NotebookClient(
-    notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(COLAB)}}
+    notebook, timeout=1500, kernel_name="python3", resources={"metadata": {"path": str(COLAB)}}
   )
   try:
     client.execute()

@@ -148,10 +148,10 @@ def test_bf16_compute_keeps_fp32_params(scans):
 def test_variant_sizes():
   counts = {name: point_encoder.param_count(name) for name in point_encoder.VARIANTS}
   print({name: f"{n / 1e6:.2f}M" for name, n in counts.items()})
-  assert counts["tiny"] < 1e6 < counts["small"] < counts["base"]
+  assert counts["tiny"] < 1e6 < counts["tiny_wide"] < counts["small"] < counts["base"]
   assert 30e6 <= counts["base"] <= 40e6  # MinkUNet34 has about 37.9M
   stages = {name: point_encoder.Model(variant=name).num_stages() for name in counts}
-  assert stages == {"tiny": 2, "small": 4, "base": 5}
+  assert stages == {"tiny": 2, "tiny_wide": 2, "small": 4, "base": 5}
 
 
 def test_batch_with_too_few_stages(model_and_params, scans):

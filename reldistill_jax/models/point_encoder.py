@@ -52,6 +52,8 @@ from reldistill_jax.models import layers
 # name -> (encoder channels, encoder depths, decoder channels, decoder depths).
 VARIANTS = {
   "tiny": ((16, 32), (1, 1), (16,), (1,)),
+  # The tiny student 4x as wide (a 64-channel decoder): the loss study's capacity check.
+  "tiny_wide": ((64, 128), (1, 1), (64,), (1,)),
   "small": ((32, 64, 128, 256), (1, 1, 2, 2), (64, 64, 128), (1, 1, 1)),
   "base": ((32, 64, 128, 256, 512), (2, 2, 2, 2, 2), (64, 96, 128, 256), (2, 2, 2, 2)),
 }
@@ -357,4 +359,4 @@ if __name__ == "__main__":
     "channels), computed from shapes only. Reads and writes no file.",
   ).parse_args()
   for name in VARIANTS:
-    print(f"{name:6s} {param_count(name) / 1e6:8.2f}M parameters (out_dim 512, 4 input channels)")
+    print(f"{name:9s} {param_count(name) / 1e6:6.2f}M parameters (out_dim 512, 4 input channels)")
