@@ -140,6 +140,24 @@ def _last(history, key: str):
   return values[-1] if values else None
 
 
+def complete_stages(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Sets the stage configs' input paths to the workdir's data (as `run_default`
+  records them in config.json); returns `data_paths`."""
+  workdir = pathlib.Path(workdir)
+  paths = data_paths(config, workdir)
+  pre, ft = config.pretrain, config.finetune
+  with pre.unlocked(), ft.unlocked():
+    pre.input.buckets = str(paths["buckets/train"])
+    pre.input.features = str(paths["features/train"])
+    pre.eval.val_buckets = str(paths["buckets/val"])
+    pre.eval.val_features = str(paths["features/val"])
+    pre.eval.text_embeddings = str(paths["text"])
+    ft.input.buckets = str(paths["buckets/train_1pct"])
+    ft.input.val_buckets = str(paths["buckets/val"])
+    ft.checkpoint.init_from = str((workdir / "pretrain" / "checkpoints").absolute())
+  return paths
+
+
 def run_default(
   config: ml_collections.ConfigDict, workdir: str | pathlib.Path, override_config: bool = False
 ) -> dict:
@@ -157,18 +175,9 @@ def run_default(
       "config.data.world.cameras=False makes a lidar-only world (a few-shot target, written by "
       "`prepare_synthetic_data`); the embedded default pretrains from the cameras: set it True"
     )
-  paths = data_paths(config, workdir)
   # The stage configs are complete before anything is checked, written or compared.
+  paths = complete_stages(config, workdir)
   pre, ft = config.pretrain, config.finetune
-  with pre.unlocked(), ft.unlocked():
-    pre.input.buckets = str(paths["buckets/train"])
-    pre.input.features = str(paths["features/train"])
-    pre.eval.val_buckets = str(paths["buckets/val"])
-    pre.eval.val_features = str(paths["features/val"])
-    pre.eval.text_embeddings = str(paths["text"])
-    ft.input.buckets = str(paths["buckets/train_1pct"])
-    ft.input.val_buckets = str(paths["buckets/val"])
-    ft.checkpoint.init_from = str((workdir / "pretrain" / "checkpoints").absolute())
   config_checks.validate(config)
   runtime.record_config(config, workdir, override_config)
   prepare_synthetic_data(config, workdir)

@@ -72,6 +72,7 @@ from reldistill_jax import (
   hardware,
   pipeline,
   report,
+  runtime,
   stats,
   study_report,
   train,
@@ -148,11 +149,12 @@ PRESETS = {
     scenes=13, samples_per_scene=1, sweep_steps=4, sweep_lrs=(2e-3,),
     sweep_temperatures=(0.07, 0.2), ood_scenes=3, ood_samples_per_scene=1, supervised_epochs=2,
   ),
-  # The study on 2 CPU cores: the tiny student (a wider one costs 5x a step), 2 scans a step.
+  # The study on 2 CPU cores: the tiny student (a wider one costs 5x a step), 2 scans a step;
+  # learning rates over a factor of 32; an OOD world of 15 scenes holds 3 of them (12 scans) out.
   "full": Preset(
     "", tuple(CONFIGS), (0, 1, 2, 3, 4), steps=400, eval_every=100, epochs=20, scenes=20,
-    batch_size=2, sweep_steps=100, sweep_lrs=(1e-3, 2e-3, 4e-3), sweep_temperatures=(0.07, 0.2),
-    ood_scenes=6, ood_samples_per_scene=4, supervised_epochs=10,
+    batch_size=2, sweep_steps=100, sweep_lrs=(5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
+    sweep_temperatures=(0.07, 0.2), ood_scenes=15, ood_samples_per_scene=4, supervised_epochs=10,
   ),
 }  # fmt: skip
 
@@ -268,12 +270,17 @@ def sweep(preset: Preset, workdir: pathlib.Path, model: str) -> dict:
 
 def fewshot_ood(config, ood_paths: dict, run: pathlib.Path) -> dict:
   """Fine-tunes the run's pretrained student on the OOD world's 1% and scores its
-  validation scans (the run's own few-shot recipe); returns those metrics."""
+  validation scans (the run's own few-shot recipe); returns those metrics. A finished
+  fine-tuning is reused if its config is the same, and refused otherwise."""
   ft = copy.deepcopy(config.finetune)
   ft.input.buckets = str(ood_paths["buckets/train_1pct"])
   ft.input.val_buckets = str(ood_paths["buckets/val"])
   ft.checkpoint.init_from = str((run / "pretrain" / "checkpoints").absolute())
-  return finetune.finetune_and_evaluate(ft, run / "fewshot_ood")["metrics"]
+  out = run / "fewshot_ood"
+  if (out / "metrics.json").is_file():
+    runtime.record_config(ft, out)
+    return json.loads((out / "metrics.json").read_text())["fewshot"]
+  return finetune.finetune_and_evaluate(ft, out)["metrics"]
 
 
 def supervised_bound(preset: Preset, workdir: pathlib.Path, model: str) -> dict | None:
@@ -290,7 +297,9 @@ def supervised_bound(preset: Preset, workdir: pathlib.Path, model: str) -> dict 
   ft.input.split, ft.subset, ft.label_fraction = "train", "all_train_scans", 1.0
   ft.num_epochs = preset.supervised_epochs
   run = workdir / "supervised"
-  if not (run / "metrics.json").is_file():
+  if (run / "metrics.json").is_file():
+    runtime.record_config(ft, run)  # a finished bound of other settings is refused
+  else:
     finetune.finetune_and_evaluate(ft, run)
   return json.loads((run / "metrics.json").read_text())["fewshot"]
 
@@ -360,9 +369,12 @@ def _runs(preset: Preset, workdir: pathlib.Path, model: str, swept: dict):
     for seed in preset.seeds:
       run = workdir / f"{name}_s{seed}"
       config = run_config(preset, workdir, name, seed, model, settings)
-      if not (run / "metrics.json").is_file():
+      if (run / "metrics.json").is_file():  # a finished run of other settings is refused
+        pipeline.complete_stages(config, run)
+        runtime.record_config(config, run)
+      else:
         pipeline.run_default(config, run)
-      if ood_paths and not (run / "fewshot_ood" / "metrics.json").is_file():
+      if ood_paths:
         fewshot_ood(config, ood_paths, run)
       yield name, seed, run
 

@@ -1,8 +1,10 @@
 """The loss study's tables and tests, from run rows (the runs themselves: notebook 03)."""
 
+import dataclasses
+
 import pytest
 
-from reldistill_jax import study, study_report
+from reldistill_jax import errors, pipeline, runtime, study, study_report
 
 CEILING = 0.57
 
@@ -78,8 +80,11 @@ def test_summary_and_markdown():
 
 def test_sweep_candidates_and_their_settings(tmp_path):
   preset = study.PRESETS["full"]
-  assert study.candidates(preset, "relational") == [{"lr": 1e-3}, {"lr": 2e-3}, {"lr": 4e-3}]
-  assert len(study.candidates(preset, "contrastive")) == 6  # x temperatures 0.07, 0.2
+  lrs = [5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]
+  assert study.candidates(preset, "relational") == [{"lr": lr} for lr in lrs]
+  assert study.candidates(preset, "contrastive") == [
+    {"lr": lr, "temperature": t} for lr in lrs for t in (0.07, 0.2)
+  ]
   config = study.run_config(
     preset, tmp_path, "contrastive", 3, "ptv3_base", {"lr": 4e-3, "temperature": 0.2}
   )
@@ -122,3 +127,20 @@ def test_the_ood_world_is_another_layout_and_sensor_without_cameras(tmp_path):
   assert ood.data.world.seed != main.data.world.seed
   assert ood.data.world.scenes == preset.ood_scenes and not ood.data.parametrize
   assert ood.data.voxel.to_dict() == main.data.voxel.to_dict()  # the same voxels and stages
+
+
+def test_a_finished_run_of_other_settings_is_refused_not_reused(tmp_path):
+  """A rerun after the sweep chose another learning rate must not reuse the old run."""
+  preset = dataclasses.replace(
+    study.PRESETS["quick"], configs=("relational",), seeds=(0,), ood_scenes=0
+  )
+  run = tmp_path / "relational_s0"
+  config = study.run_config(preset, tmp_path, "relational", 0, "ptv3_base", {"lr": 1e-3})
+  pipeline.complete_stages(config, run)
+  runtime.record_config(config, run)  # what run_default recorded
+  (run / "metrics.json").write_text("{}")
+  same = {"relational": {"chosen": {"lr": 1e-3}}}
+  assert [r[:2] for r in study._runs(preset, tmp_path, "ptv3_base", same)] == [("relational", 0)]
+  other = {"relational": {"chosen": {"lr": 4e-3}}}
+  with pytest.raises(errors.ConfigError, match=r"pretrain\.optimizer\.lr: 0\.001 -> 0\.004"):
+    list(study._runs(preset, tmp_path, "ptv3_base", other))
