@@ -268,19 +268,30 @@ def sweep(preset: Preset, workdir: pathlib.Path, model: str) -> dict:
   return results
 
 
+def _finished(config, folder: pathlib.Path) -> bool:
+  """Whether `folder` holds a finished run (its metrics.json) of `config`.
+
+  Raises:
+    errors.ConfigError: it was run with another config (`runtime.record_config`).
+  """
+  if not (folder / "metrics.json").is_file():
+    return False
+  runtime.record_config(config, folder)
+  return True
+
+
 def fewshot_ood(config, ood_paths: dict, run: pathlib.Path) -> dict:
-  """Fine-tunes the run's pretrained student on the OOD world's 1% and scores its
-  validation scans (the run's own few-shot recipe); returns those metrics. A finished
-  fine-tuning is reused if its config is the same, and refused otherwise."""
+  """Fine-tunes the run's pretrained student on the OOD world's 1% (unless finished)
+  and scores its validation scans (the run's own few-shot recipe); returns those
+  metrics."""
   ft = copy.deepcopy(config.finetune)
   ft.input.buckets = str(ood_paths["buckets/train_1pct"])
   ft.input.val_buckets = str(ood_paths["buckets/val"])
   ft.checkpoint.init_from = str((run / "pretrain" / "checkpoints").absolute())
   out = run / "fewshot_ood"
-  if (out / "metrics.json").is_file():
-    runtime.record_config(ft, out)
-    return json.loads((out / "metrics.json").read_text())["fewshot"]
-  return finetune.finetune_and_evaluate(ft, out)["metrics"]
+  if not _finished(ft, out):
+    finetune.finetune_and_evaluate(ft, out)
+  return json.loads((out / "metrics.json").read_text())["fewshot"]
 
 
 def supervised_bound(preset: Preset, workdir: pathlib.Path, model: str) -> dict | None:
@@ -297,9 +308,7 @@ def supervised_bound(preset: Preset, workdir: pathlib.Path, model: str) -> dict 
   ft.input.split, ft.subset, ft.label_fraction = "train", "all_train_scans", 1.0
   ft.num_epochs = preset.supervised_epochs
   run = workdir / "supervised"
-  if (run / "metrics.json").is_file():
-    runtime.record_config(ft, run)  # a finished bound of other settings is refused
-  else:
+  if not _finished(ft, run):
     finetune.finetune_and_evaluate(ft, run)
   return json.loads((run / "metrics.json").read_text())["fewshot"]
 
@@ -369,10 +378,8 @@ def _runs(preset: Preset, workdir: pathlib.Path, model: str, swept: dict):
     for seed in preset.seeds:
       run = workdir / f"{name}_s{seed}"
       config = run_config(preset, workdir, name, seed, model, settings)
-      if (run / "metrics.json").is_file():  # a finished run of other settings is refused
-        pipeline.complete_stages(config, run)
-        runtime.record_config(config, run)
-      else:
+      pipeline.complete_stages(config, run)  # as run_default records it
+      if not _finished(config, run):
         pipeline.run_default(config, run)
       if ood_paths:
         fewshot_ood(config, ood_paths, run)
