@@ -29,11 +29,16 @@ Writes `--out` (default `<workdir>/loss_study.json`):
                    zeroshot_miou (every point), zeroshot_miou_paired (the
                    paired points), fewshot_miou (1%), fewshot_ood_miou (1% of
                    the OOD world), G, converged (`curves.convergence`),
-                   gain_last_quarter, teacher_ceiling, final_loss;
+                   gain_last_quarter, teacher_ceiling, final_loss,
+                   zeroshot_classes and teacher_classes (how many classes
+                   each reaches an IoU of at least 1% on, zero-shot:
+                   `recognised_classes`);
   summary          per configuration and metric: mean, std, 95% t interval, n
                    (`stats.summary`);
   teacher_ceiling  the teacher's own zero-shot mIoU at the paired points of the
                    validation scans (the same world for every run);
+  teacher_classes  how many classes the teacher recognises there;
+  recognised_iou   the IoU from which a class counts as recognised;
   supervised_bound the same student fine-tuned from scratch on every labelled
                    training scan, mIoU on every validation point (what its
                    input and size allow with all labels), and per class;
@@ -91,7 +96,13 @@ CONFIGS = {
   "relational_squared": ("relational", {"distance": "squared"}),
 }
 ABLATIONS = tuple(name for name in CONFIGS if name not in LOSSES)
-METRICS = ("zeroshot_miou", "zeroshot_miou_paired", "fewshot_miou", "fewshot_ood_miou", "G")
+METRICS = (
+  "zeroshot_miou", "zeroshot_miou_paired", "fewshot_miou", "fewshot_ood_miou", "G",
+  "zeroshot_classes",
+)  # fmt: skip
+# A class counts as recognised zero-shot from this IoU on: a student that
+# separates only the dominant classes shows it where its mIoU alone does not.
+RECOGNISED_IOU = 0.01
 # The out-of-distribution world: another layout, a 64-beam lidar, no cameras.
 OOD_WORLD = {"seed": 1, "sensor": "hdl64", "cameras": False}
 
@@ -313,6 +324,11 @@ def supervised_bound(preset: Preset, workdir: pathlib.Path, model: str) -> dict 
   return json.loads((run / "metrics.json").read_text())["fewshot"]
 
 
+def recognised_classes(per_class_iou: dict) -> int:
+  """How many classes reach an IoU of `RECOGNISED_IOU` (classes without points: None)."""
+  return sum(iou is not None and iou >= RECOGNISED_IOU for iou in per_class_iou.values())
+
+
 def run_row(run: pathlib.Path, name: str, seed: int) -> dict:
   """The study's row of a finished run, from its metrics.json (and fewshot_ood/'s)."""
   metrics = json.loads((run / "metrics.json").read_text())
@@ -331,6 +347,8 @@ def run_row(run: pathlib.Path, name: str, seed: int) -> dict:
     "gain_last_quarter": pre["convergence"]["gain_last_quarter"],
     "teacher_ceiling": metrics["zeroshot_teacher"]["miou"],
     "final_loss": pre["final_loss"],
+    "zeroshot_classes": recognised_classes(metrics["zeroshot"]["per_class_iou"]),
+    "teacher_classes": recognised_classes(metrics["zeroshot_teacher"]["per_class_iou"]),
     "run": str(run),
   }
 
@@ -398,9 +416,10 @@ def run_study(
   for name, seed, run in _runs(preset, workdir, model, swept):
     rows.append(run_row(run, name, seed))
     histories[(name, seed)] = json.loads((run / "metrics.json").read_text())["pretrain"]["curve"]
-  ceilings = {r["teacher_ceiling"] for r in rows}
+  ceilings = {(r["teacher_ceiling"], r["teacher_classes"]) for r in rows}
   if len(ceilings) != 1:
     raise ValueError(f"the runs of one world give different teacher ceilings: {sorted(ceilings)}")
+  ceiling, teacher_classes = ceilings.pop()
   gap = gap_config.get_config()
   gap.runs = ",".join(r["run"] for r in rows)
   gap_rows = evaluation_runs.run_gap(gap, workdir / "gap")["gap_study"]
@@ -410,7 +429,9 @@ def run_study(
     "runs": rows,
     "sweep": swept,
     "summary": summarise(rows, preset.configs),
-    "teacher_ceiling": ceilings.pop(),
+    "teacher_ceiling": ceiling,
+    "teacher_classes": teacher_classes,
+    "recognised_iou": RECOGNISED_IOU,
     "supervised_bound": None if supervised is None else supervised["miou"],
     "supervised_bound_per_class": None if supervised is None else supervised["per_class_iou"],
     "tests": claims(rows, preset.seeds),

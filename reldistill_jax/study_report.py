@@ -15,13 +15,18 @@ import numpy as np
 from reldistill_jax import curves, report
 
 
-def _cell(s: dict, scale: float) -> str:
+def _cell(s: dict, scale: float, digits: int = 2) -> str:
   if s["mean"] is None:
     return "n/a"
   if s["ci95"] is None:
-    return f"{scale * s['mean']:.2f}"
+    return f"{scale * s['mean']:.{digits}f}"
   low, high = (scale * v for v in s["ci95"])
-  return f"{scale * s['mean']:.2f} +- {scale * s['std']:.2f} [{low:.2f}, {high:.2f}]"
+  d = digits
+  return f"{scale * s['mean']:.{d}f} +- {scale * s['std']:.{d}f} [{low:.{d}f}, {high:.{d}f}]"
+
+
+def _classes(s: dict) -> str:
+  return "n/a" if s["mean"] is None else f"{s['mean']:.1f}"
 
 
 def _world(preset: dict) -> str:
@@ -35,6 +40,11 @@ def _world(preset: dict) -> str:
   if preset.get("batch_size"):
     size += f", {preset['batch_size']} scans a step"
   return size
+
+
+def _teacher_classes(study: dict) -> str:
+  count = study.get("teacher_classes")
+  return "" if count is None else f" ({count} classes recognised)"
 
 
 def _bound(study: dict) -> str:
@@ -68,8 +78,8 @@ def _test_line(test: dict) -> str:
 def _table(study: dict) -> list[str]:
   lines = [
     "| configuration | zero-shot mIoU (%) | on the paired points (%) | share of the ceiling | "
-    "1% few-shot mIoU (%) | OOD 1% few-shot mIoU (%) | G | converged |",
-    "|---|---|---|---|---|---|---|---|",
+    "1% few-shot mIoU (%) | OOD 1% few-shot mIoU (%) | G | classes recognised | converged |",
+    "|---|---|---|---|---|---|---|---|---|",
   ]
   for name, s in study["summary"].items():
     paired = s["zeroshot_miou_paired"]["mean"]
@@ -77,7 +87,7 @@ def _table(study: dict) -> list[str]:
     lines.append(
       f"| {name} | {_cell(s['zeroshot_miou'], 100)} | {_cell(s['zeroshot_miou_paired'], 100)} | "
       f"{share} | {_cell(s['fewshot_miou'], 100)} | {_cell(s['fewshot_ood_miou'], 100)} | "
-      f"{_cell(s['G'], 1)} | {s['converged']} |"
+      f"{_cell(s['G'], 1, 3)} | {_classes(s['zeroshot_classes'])} | {s['converged']} |"
     )
   return lines
 
@@ -90,7 +100,9 @@ def markdown(study: dict) -> str:
     f"Synthetic world ({_world(preset)}), {len(preset['seeds'])} seeds per configuration, "
     f"{preset['steps']} pretraining steps, {preset['epochs']} epochs of 1% fine-tuning; "
     "mean +- std [95% t interval]. Teacher's zero-shot mIoU at the paired points (the "
-    f"ceiling): {ceiling:.2f}%.{_bound(study)}",
+    f"ceiling): {ceiling:.2f}%{_teacher_classes(study)}.{_bound(study)} Classes recognised: "
+    f"how many classes a student reaches an IoU of at least {100 * study['recognised_iou']:g}% "
+    "on, zero-shot (mean over seeds).",
     "",
     *_table(study),
     "",

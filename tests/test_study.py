@@ -1,6 +1,7 @@
 """The loss study's tables and tests, from run rows (the runs themselves: notebook 03)."""
 
 import dataclasses
+import json
 
 import pytest
 
@@ -23,6 +24,7 @@ def _rows():
         "fewshot_ood_miou": fewshot - 0.1 + (0.01 * seed if loss == "similarity" else 0.0),
         "G": 0.2, "converged": seed != 2, "gain_last_quarter": 0.001,
         "teacher_ceiling": CEILING, "final_loss": 1.0, "run": f"/r/{loss}_s{seed}",
+        "zeroshot_classes": 2 if loss == "similarity" else 5 + seed, "teacher_classes": 14,
       })  # fmt: skip
   return rows
 
@@ -64,13 +66,20 @@ def test_summary_and_markdown():
     "preset": {"world": "", "seeds": (0, 1, 2), "steps": 600, "epochs": 40},
     "summary": summary,
     "teacher_ceiling": CEILING,
+    "teacher_classes": 14,
+    "recognised_iou": study.RECOGNISED_IOU,
     "supervised_bound": 0.3,
     "tests": study.claims(rows, (0, 1, 2)),
     "ablations": study.ablation_tests(rows, (0, 1, 2)),
     "gap_study": {},
   }
   table = study_report.markdown(document)
-  assert "ceiling): 57.00%" in table and "(the supervised bound): 30.00%" in table
+  assert "ceiling): 57.00% (14 classes recognised)" in table
+  assert "(the supervised bound): 30.00%" in table and "IoU of at least 1% on" in table
+  # Classes recognised: relational 5, 6 and 7 over the seeds, similarity 2 on each.
+  assert summary["relational"]["zeroshot_classes"]["mean"] == pytest.approx(6.0)
+  assert "| 0.200 +- 0.000 [0.200, 0.200] | 6.0 | 2 of 3 |" in table
+  assert "| 2.0 | 2 of 3 |" in table
   # relational on the paired points: 21% of a 57% ceiling.
   assert "| relational | 20.00 +- 1.00 [" in table and "| 37% |" in table
   assert "no test (the differences are all equal" in table
@@ -144,3 +153,33 @@ def test_a_finished_run_of_other_settings_is_refused_not_reused(tmp_path):
   other = {"relational": {"chosen": {"lr": 4e-3}}}
   with pytest.raises(errors.ConfigError, match=r"pretrain\.optimizer\.lr: 0\.001 -> 0\.004"):
     list(study._runs(preset, tmp_path, "ptv3_base", other))
+
+
+def test_a_run_row_reads_the_run_and_counts_the_classes_it_recognises(tmp_path):
+  """The row of a finished run, from its metrics.json and its OOD fine-tuning's."""
+  iou = {"car": 0.35, "bus": 0.0099, "manmade": 0.81, "trailer": None, "terrain": 0.01}
+  teacher = {"car": 0.6, "bus": 0.2, "manmade": 0.9, "trailer": None, "terrain": 0.005}
+  metrics = {
+    "zeroshot": {"miou": 0.14, "miou_paired": 0.15, "per_class_iou": iou},
+    "zeroshot_teacher": {"miou": 0.61, "per_class_iou": teacher},
+    "fewshot_1pct": {"miou": 0.16},
+    "gap": {"G": 0.2},
+    "pretrain": {
+      "steps": 400, "final_loss": 0.53,
+      "convergence": {"converged": True, "gain_last_quarter": 0.0002},
+    },
+  }  # fmt: skip
+  run = tmp_path / "relational_s3"
+  (run / "fewshot_ood").mkdir(parents=True)
+  (run / "metrics.json").write_text(json.dumps(metrics))
+  row = study.run_row(run, "relational", 3)
+  assert row["fewshot_ood_miou"] is None  # not fine-tuned out of distribution yet
+  (run / "fewshot_ood" / "metrics.json").write_text(json.dumps({"fewshot": {"miou": 0.12}}))
+  row = study.run_row(run, "relational", 3)
+  assert row == {
+    "loss": "relational", "seed": 3, "steps": 400, "zeroshot_miou": 0.14,
+    "zeroshot_miou_paired": 0.15, "fewshot_miou": 0.16, "fewshot_ood_miou": 0.12, "G": 0.2,
+    "converged": True, "gain_last_quarter": 0.0002, "teacher_ceiling": 0.61, "final_loss": 0.53,
+    # car, manmade and terrain reach 1%; bus stops just short; trailer has no points.
+    "zeroshot_classes": 3, "teacher_classes": 3, "run": str(run),
+  }  # fmt: skip
