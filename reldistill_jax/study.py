@@ -2,7 +2,7 @@ r"""The loss study on the synthetic world: every loss x seeds, against the teach
 
   python -m reldistill_jax.study --workdir DIR [--preset quick|full] [--out FILE]
       [--model ptv3_base] [--configs relational,contrastive,...] [--seeds 0,1,2]
-      [--pretrain_steps N] [--finetune_epochs N]
+      [--pretrain_steps N] [--finetune_epochs N] [--records DIR]
 
 A configuration (`CONFIGS`) is a loss, or an ablation of the relational loss
 (one term or option changed). Each run is the embedded default
@@ -21,6 +21,13 @@ sensor, a 64-beam lidar without cameras, the synthetic stand-in for
 SemanticKITTI: each pretrained student is also fine-tuned on its 1% and
 scored on its validation scans. Presets (`PRESETS`): `quick` is what the tests
 run; `full` is the study. The flags after `--preset` override it.
+
+`--records DIR` keeps what the study reads of every finished unit (a sweep
+trial, the supervised bound, a run with its OOD fine-tuning: their
+`RECORD_FILES`, a few kB each, no checkpoints) in DIR, in the workdir's layout.
+A study restarted on another machine, in a fresh workdir at the same path,
+copies them back first and reuses those units, their configs checked as a
+restart's are: a study longer than one machine's lease finishes over several.
 
 Writes `--out` (default `<workdir>/loss_study.json`):
   sweep            per loss, every candidate's zero-shot mIoU on train_verify
@@ -63,7 +70,7 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from configs import common
 from configs import default as default_config
@@ -71,10 +78,12 @@ from configs import gap as gap_config
 from reldistill_jax import (
   cli,
   curves,
+  errors,
   evaluation_runs,
   files,
   finetune,
   hardware,
+  metrics_writer,
   pipeline,
   report,
   runtime,
@@ -103,6 +112,13 @@ METRICS = (
 # A class counts as recognised zero-shot from this IoU on: a student that
 # separates only the dominant classes shows it where its mIoU alone does not.
 RECOGNISED_IOU = 0.01
+# The files of a finished unit's folders that the study reads (`--records`).
+RECORD_FILES = (
+  runtime.CONFIG_FILE,
+  runtime.CONFIG_CHANGES_FILE,
+  metrics_writer.HISTORY_FILE,
+  "metrics.json",
+)
 # The out-of-distribution world: another layout, a 64-beam lidar, no cameras.
 OOD_WORLD = {"seed": 1, "sensor": "hdl64", "cameras": False}
 
@@ -244,12 +260,13 @@ def swept_losses(preset: Preset) -> list[str]:
   return [loss for loss in LOSSES if loss in used]
 
 
-def sweep(preset: Preset, workdir: pathlib.Path, model: str) -> dict:
+def sweep(preset: Preset, workdir: pathlib.Path, model: str, records=None) -> dict:
   """Per loss, the settings whose student scores best zero-shot on held-out training scenes.
 
   SLidR's parametrize protocol on the synthetic world: each candidate
   pretrains on `train_parametrize` for `sweep_steps` (seed 0) and is scored by
   its zero-shot mIoU on `train_verify`; the validation scans are not seen.
+  A trial whose history holds its last evaluation is reused (`_trial_history`).
 
   Returns:
     {loss: {"chosen": settings, "trials": [{"settings", "verify_zeroshot_miou", "run"}]}};
@@ -271,12 +288,70 @@ def sweep(preset: Preset, workdir: pathlib.Path, model: str) -> dict:
       pre.eval.text_embeddings = str(paths["text"])
       pre.num_steps = pre.eval.every = preset.sweep_steps
       pre.checkpoint.every = preset.sweep_steps
-      history = train.train_and_evaluate(pre, run)["history"]
+      history = _trial_history(pre, run)
+      if history is None:
+        history = train.train_and_evaluate(pre, run)["history"]
+      keep_records(workdir, run, records)
       score = curves.curve(history)[-1][1]
       trials.append({"settings": settings, "verify_zeroshot_miou": score, "run": str(run)})
     best = max(trials, key=lambda t: np.nan_to_num(t["verify_zeroshot_miou"], nan=-1.0))
     results[loss] = {"chosen": best["settings"], "trials": trials}
   return results
+
+
+def _trial_history(pre, run: pathlib.Path) -> list[dict] | None:
+  """The history of a finished sweep trial of `pre` in `run` (its last evaluation logged),
+  reusable without its checkpoints; None if it has not finished.
+
+  Raises:
+    errors.ConfigError: it was run with another config (`runtime.record_config`).
+  """
+  path = run / metrics_writer.HISTORY_FILE
+  if not path.is_file():
+    return None
+  history = [json.loads(line) for line in path.read_text().splitlines() if line]
+  if not any(r["step"] == pre.num_steps and curves.KEY in r for r in history):
+    return None
+  runtime.record_config(pre, run)
+  return history
+
+
+def _record_files(folder: pathlib.Path) -> list[pathlib.Path]:
+  """The `RECORD_FILES` of `folder` and of the folders inside it."""
+  return sorted(p for p in folder.rglob("*") if p.is_file() and p.name in RECORD_FILES)
+
+
+def keep_records(workdir: pathlib.Path, unit: pathlib.Path, records) -> None:
+  """Copies the record files of the finished `unit` (a folder of `workdir`) into `records`
+  (nothing when `records` is None).
+
+  Raises:
+    errors.DataError: `records` already holds one of them with other contents.
+  """
+  if records is None:
+    return
+  for path in _record_files(unit):
+    kept = pathlib.Path(records) / path.relative_to(workdir)
+    data = path.read_bytes()
+    if kept.is_file() and kept.read_bytes() != data:
+      raise errors.DataError(
+        f"{kept} differs from {path}: the records hold another run of this unit; move one "
+        "of them away (records are never overwritten)"
+      )
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    files.atomic_write(kept, data)
+
+
+def restore_records(records, workdir: pathlib.Path) -> int:
+  """Copies every record file that `workdir` lacks from `records` (if any); returns how many."""
+  restored = 0
+  for path in _record_files(pathlib.Path(records)) if records else ():
+    target = workdir / path.relative_to(records)
+    if not target.exists():
+      target.parent.mkdir(parents=True, exist_ok=True)
+      files.atomic_write(target, path.read_bytes())
+      restored += 1
+  return restored
 
 
 def _finished(config, folder: pathlib.Path) -> bool:
@@ -305,7 +380,9 @@ def fewshot_ood(config, ood_paths: dict, run: pathlib.Path) -> dict:
   return json.loads((out / "metrics.json").read_text())["fewshot"]
 
 
-def supervised_bound(preset: Preset, workdir: pathlib.Path, model: str) -> dict | None:
+def supervised_bound(
+  preset: Preset, workdir: pathlib.Path, model: str, records=None
+) -> dict | None:
   """The study's student fine-tuned from scratch on every labelled training scan (seed 0,
   the few-shot recipe), scored on the validation scans: what its input and size allow with
   all the labels, beside the teacher's ceiling. None without `supervised_epochs`."""
@@ -321,6 +398,7 @@ def supervised_bound(preset: Preset, workdir: pathlib.Path, model: str) -> dict 
   run = workdir / "supervised"
   if not _finished(ft, run):
     finetune.finetune_and_evaluate(ft, run)
+  keep_records(workdir, run, records)
   return json.loads((run / "metrics.json").read_text())["fewshot"]
 
 
@@ -385,8 +463,9 @@ def summarise(rows: Sequence[dict], names: Sequence[str]) -> dict:
   return summary
 
 
-def _runs(preset: Preset, workdir: pathlib.Path, model: str, swept: dict):
-  """Runs (or reuses) every configuration x seed; yields (name, seed, run folder)."""
+def _runs(preset: Preset, workdir: pathlib.Path, model: str, swept: dict, records=None):
+  """Runs (or reuses) every configuration x seed, keeping its records; yields (name, seed,
+  run folder)."""
   ood_paths = None
   if preset.ood_scenes:
     ood = ood_config(preset, workdir, model)
@@ -401,19 +480,24 @@ def _runs(preset: Preset, workdir: pathlib.Path, model: str, swept: dict):
         pipeline.run_default(config, run)
       if ood_paths:
         fewshot_ood(config, ood_paths, run)
+      keep_records(workdir, run, records)
       yield name, seed, run
 
 
 def run_study(
-  workdir: str | pathlib.Path, preset: Preset, model: str = "ptv3_base", out=None
+  workdir: str | pathlib.Path, preset: Preset, model: str = "ptv3_base", out=None, records=None
 ) -> dict:
-  """Runs every (configuration, seed) of `preset` and writes the study (module docstring)."""
+  """Runs every (configuration, seed) of `preset` and writes the study (module docstring);
+  `records`: the folder of `--records`, or None."""
   workdir = pathlib.Path(workdir)
   start = time.perf_counter()
-  swept = sweep(preset, workdir, model)
-  supervised = supervised_bound(preset, workdir, model)
+  restored = restore_records(records, workdir)
+  if restored:
+    logging.info("study: %d record file(s) restored from %s", restored, records)
+  swept = sweep(preset, workdir, model, records)
+  supervised = supervised_bound(preset, workdir, model, records)
   rows, histories = [], {}
-  for name, seed, run in _runs(preset, workdir, model, swept):
+  for name, seed, run in _runs(preset, workdir, model, swept, records):
     rows.append(run_row(run, name, seed))
     histories[(name, seed)] = json.loads((run / "metrics.json").read_text())["pretrain"]["curve"]
   ceilings = {(r["teacher_ceiling"], r["teacher_classes"]) for r in rows}
@@ -462,6 +546,9 @@ _CONFIGS = flags.DEFINE_list(
   "configs", None, f"Override the preset's configurations ({', '.join(CONFIGS)})."
 )
 _SEEDS = flags.DEFINE_list("seeds", None, "Override the preset's seeds.")
+_RECORDS = flags.DEFINE_string(
+  "records", None, "Keep the finished units' records here, and reuse those kept (docstring)."
+)
 _STEPS = flags.DEFINE_integer("pretrain_steps", None, "Override the preset's steps.")
 _EPOCHS = flags.DEFINE_integer("finetune_epochs", None, "Override the preset's epochs.")
 
@@ -483,7 +570,7 @@ def main(argv):
     "epochs": _EPOCHS.value,
   }
   preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
-  study = run_study(_WORKDIR.value, preset, _MODEL.value, _OUT.value)
+  study = run_study(_WORKDIR.value, preset, _MODEL.value, _OUT.value, _RECORDS.value)
   print(study_report.markdown(study))
 
 

@@ -42,11 +42,6 @@ def _world(preset: dict) -> str:
   return size
 
 
-def _teacher_classes(study: dict) -> str:
-  count = study.get("teacher_classes")
-  return "" if count is None else f" ({count} classes recognised)"
-
-
 def _bound(study: dict) -> str:
   bound = study.get("supervised_bound")
   if bound is None:
@@ -100,9 +95,9 @@ def markdown(study: dict) -> str:
     f"Synthetic world ({_world(preset)}), {len(preset['seeds'])} seeds per configuration, "
     f"{preset['steps']} pretraining steps, {preset['epochs']} epochs of 1% fine-tuning; "
     "mean +- std [95% t interval]. Teacher's zero-shot mIoU at the paired points (the "
-    f"ceiling): {ceiling:.2f}%{_teacher_classes(study)}.{_bound(study)} Classes recognised: "
-    f"how many classes a student reaches an IoU of at least {100 * study['recognised_iou']:g}% "
-    "on, zero-shot (mean over seeds).",
+    f"ceiling): {ceiling:.2f}% ({study['teacher_classes']} classes recognised)."
+    f"{_bound(study)} Classes recognised: how many classes a student reaches an IoU of at "
+    f"least {100 * study['recognised_iou']:g}% on, zero-shot (mean over seeds).",
     "",
     *_table(study),
     "",

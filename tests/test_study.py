@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from reldistill_jax import errors, pipeline, runtime, study, study_report
+from reldistill_jax import curves, errors, pipeline, runtime, study, study_report
 
 CEILING = 0.57
 
@@ -183,3 +183,55 @@ def test_a_run_row_reads_the_run_and_counts_the_classes_it_recognises(tmp_path):
     # car, manmade and terrain reach 1%; bus stops just short; trailer has no points.
     "zeroshot_classes": 3, "teacher_classes": 3, "run": str(run),
   }  # fmt: skip
+
+
+def _finished_trial(tmp_path, steps: int):
+  """A sweep trial of the quick preset in tmp_path/sweep/t, its history logged to `steps`."""
+  preset = study.PRESETS["quick"]
+  pre = study.run_config(preset, tmp_path, "relational", 0, "ptv3_base", {"lr": 2e-3}).pretrain
+  pre.num_steps = pre.eval.every = preset.sweep_steps
+  run = tmp_path / "sweep" / "t"
+  runtime.record_config(pre, run)
+  history = [{"step": s, "loss": 1.0 / s} for s in range(1, steps + 1)]
+  history[-1][curves.KEY] = 0.1
+  (run / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+  return pre, run, history
+
+
+def test_a_sweep_trial_is_reused_from_its_history_once_its_last_evaluation_is_logged(tmp_path):
+  steps = study.PRESETS["quick"].sweep_steps
+  pre, run, history = _finished_trial(tmp_path, steps)
+  assert study._trial_history(pre, run) == history  # no checkpoint needed
+  (run / "history.jsonl").write_text(json.dumps(history[0] | {curves.KEY: 0.1}) + "\n")
+  assert study._trial_history(pre, run) is None  # stopped before its last step
+  _finished_trial(tmp_path, steps)
+  pre.optimizer.lr = 4e-3  # the sweep's candidates changed
+  with pytest.raises(errors.ConfigError, match=r"optimizer\.lr: 0\.002 -> 0\.004"):
+    study._trial_history(pre, run)
+
+
+def test_records_keep_the_small_files_of_a_unit_and_restore_what_a_workdir_lacks(tmp_path):
+  workdir, records = tmp_path / "study", tmp_path / "records"
+  _, run, _ = _finished_trial(workdir, 4)
+  (run / "checkpoints" / "4").mkdir(parents=True)
+  (run / "checkpoints" / "4" / "manifest.ocdbt").write_bytes(b"\0" * 64)
+  (run / "fewshot_ood").mkdir()
+  (run / "fewshot_ood" / "metrics.json").write_text('{"fewshot": {"miou": 0.12}}')
+  study.keep_records(workdir, run, records)
+  kept = sorted(str(p.relative_to(records)) for p in records.rglob("*") if p.is_file())
+  assert kept == [
+    "sweep/t/config.json", "sweep/t/fewshot_ood/metrics.json", "sweep/t/history.jsonl"
+  ]  # fmt: skip
+  study.keep_records(workdir, run, records)  # the same contents again: nothing to refuse
+  fresh = tmp_path / "fresh"
+  assert study.restore_records(records, fresh) == 3
+  for name in kept:
+    assert (fresh / name).read_bytes() == (workdir / name).read_bytes()
+  assert study.restore_records(records, fresh) == 0  # nothing lacking, nothing overwritten
+  assert study.restore_records(None, fresh) == 0
+  (run / "history.jsonl").write_text("{}\n")  # the unit run again, differently
+  with pytest.raises(errors.DataError, match=r"records/sweep/t/history\.jsonl differs from"):
+    study.keep_records(workdir, run, records)
+  assert (records / "sweep/t/history.jsonl").read_bytes() == (
+    fresh / "sweep/t/history.jsonl"
+  ).read_bytes()
