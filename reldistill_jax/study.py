@@ -333,7 +333,9 @@ def keep_records(workdir: pathlib.Path, unit: pathlib.Path, records) -> None:
   for path in _record_files(unit):
     kept = pathlib.Path(records) / path.relative_to(workdir)
     data = path.read_bytes()
-    if kept.is_file() and kept.read_bytes() != data:
+    if kept.is_file():
+      if kept.read_bytes() == data:
+        continue
       raise errors.DataError(
         f"{kept} differs from {path}: the records hold another run of this unit; move one "
         "of them away (records are never overwritten)"

@@ -33,8 +33,9 @@ def _world(preset: dict) -> str:
   """The world, student and sizes of a preset, in words."""
   size = f"configs/default.py:{preset['world']}" if preset["world"] else "configs/default.py"
   if preset.get("scenes"):
-    keyframes = preset.get("samples_per_scene") or "default"
-    size += f", {preset['scenes']} scenes of {keyframes} keyframe(s)"
+    size += f", {preset['scenes']} scenes"
+    if preset.get("samples_per_scene"):
+      size += f" of {preset['samples_per_scene']} keyframe(s)"
   if preset.get("variant"):
     size += f", the `{preset['variant']}` student"
   if preset.get("batch_size"):
@@ -113,7 +114,8 @@ def markdown(study: dict) -> str:
   for target, result in study["gap_study"].items():
     rho = result["spearman_rho"]
     lines.append(
-      f"- G against {target}: Spearman rho = {rho:.3f} (p = {result['spearman_p']:.3g}), "
+      f"- G against {target}: Pearson r = {result['pearson_r']:.3f} (p = "
+      f"{result['pearson_p']:.3g}), Spearman rho = {rho:.3f} (p = {result['spearman_p']:.3g}), "
       f"n = {result['n']}."
       if rho is not None and np.isfinite(rho)
       else f"- G against {target}: {result['note']}."

@@ -63,7 +63,7 @@ def test_summary_and_markdown():
   assert summary["relational"]["zeroshot_miou"]["n"] == 3
   assert summary["similarity"]["converged"] == "2 of 3"
   document = {
-    "preset": {"world": "", "seeds": (0, 1, 2), "steps": 600, "epochs": 40},
+    "preset": {"world": "", "scenes": 20, "seeds": (0, 1, 2), "steps": 600, "epochs": 40},
     "summary": summary,
     "teacher_ceiling": CEILING,
     "teacher_classes": 14,
@@ -71,9 +71,29 @@ def test_summary_and_markdown():
     "supervised_bound": 0.3,
     "tests": study.claims(rows, (0, 1, 2)),
     "ablations": study.ablation_tests(rows, (0, 1, 2)),
-    "gap_study": {},
+    "gap_study": {
+      "zeroshot_miou": {
+        "n": 35,
+        "pearson_r": 0.159,
+        "pearson_p": 0.36,
+        "spearman_rho": -0.394,
+        "spearman_p": 0.0192,
+      },
+      "fewshot_miou": {
+        "n": 2,
+        "pearson_r": None,
+        "spearman_rho": None,
+        "note": "fewer than 3 runs",
+      },
+    },
   }
   table = study_report.markdown(document)
+  assert table.startswith("Synthetic world (configs/default.py, 20 scenes), 3 seeds")
+  assert (
+    "- G against zeroshot_miou: Pearson r = 0.159 (p = 0.36), Spearman rho = -0.394 "
+    "(p = 0.0192), n = 35." in table
+  )
+  assert "- G against fewshot_miou: fewer than 3 runs." in table
   assert "ceiling): 57.00% (14 classes recognised)" in table
   assert "(the supervised bound): 30.00%" in table and "IoU of at least 1% on" in table
   # Classes recognised: relational 5, 6 and 7 over the seeds, similarity 2 on each.
@@ -222,7 +242,9 @@ def test_records_keep_the_small_files_of_a_unit_and_restore_what_a_workdir_lacks
   assert kept == [
     "sweep/t/config.json", "sweep/t/fewshot_ood/metrics.json", "sweep/t/history.jsonl"
   ]  # fmt: skip
-  study.keep_records(workdir, run, records)  # the same contents again: nothing to refuse
+  stamps = {p: p.stat().st_mtime_ns for p in records.rglob("*") if p.is_file()}
+  study.keep_records(workdir, run, records)  # the same contents again: nothing refused or rewritten
+  assert {p: p.stat().st_mtime_ns for p in records.rglob("*") if p.is_file()} == stamps
   fresh = tmp_path / "fresh"
   assert study.restore_records(records, fresh) == 3
   for name in kept:
