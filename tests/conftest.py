@@ -2,14 +2,51 @@
 
 Eight host devices are simulated so that sharded code runs on a CPU; this must
 happen before JAX initialises its backend, hence at import time here.
+
+XLA compiles the tests' programs at its CPU backend's lowest optimisation
+effort (`COMPILE_FLAGS`): compiling, not running, is most of a test's time,
+and this halves it. LLVM may not reorder floating-point arithmetic at any
+level (XLA's CPU backend has no fast-math by default), so every result is the
+one the default effort gives; the programs run somewhat slower. A process a
+test starts gets the same flags through `xla_flags`.
+
+One persistent compilation cache serves the whole test run: this process and
+every process a test starts (the entry point, the benchmarks, the notebooks'
+kernels) inherit its folder through the environment, so a step that several
+tests compile is compiled once. XLA keys each entry by the program, its
+devices and the compiler's version and flags, so a hit runs exactly what a
+compilation would have produced: no check is weakened. The folder lives as long
+as the run, so every run starts cold, as CI does; set JAX_COMPILATION_CACHE_DIR
+to keep one across runs.
 """
 
 import functools
 import os
 import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_flags(devices: int | None = None) -> str:
+  """XLA_FLAGS for a process a test starts: `devices` simulated CPU devices (None: one)."""
+  count = f"--xla_force_host_platform_device_count={devices} " if devices else ""
+  return count + COMPILE_FLAGS
+
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _COMPILATION_CACHE = tempfile.mkdtemp(prefix="reldistill-jax-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE
+else:
+  _COMPILATION_CACHE = None
+# Every compilation is cached, however quick or small (the defaults skip those under a second).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -19,6 +56,13 @@ from absl import flags  # noqa: E402
 
 # grain's worker processes read absl flags; pytest never parses them.
 flags.FLAGS.mark_as_parsed()
+
+
+def pytest_unconfigure(config):
+  """Removes the run's compilation cache (one given by the environment is kept)."""
+  if _COMPILATION_CACHE is not None:
+    shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
+
 
 REALDATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 
@@ -46,6 +90,32 @@ def random_pairs(n: int, d: int, seed: int = 0, valid: float = 0.8):
   k = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
   q = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
   return k, q, jnp.asarray(rng.random(n) < valid)
+
+
+def run_at_once(
+  commands: dict, cwd: pathlib.Path, env: dict | None = None, timeout: int = 240
+) -> dict[object, subprocess.CompletedProcess]:
+  """key -> the finished run of `python *args`, every process started at once.
+
+  For tests of many short commands that are mostly Python's imports: they share the cores
+  instead of waiting for each other.
+  """
+  procs = {
+    key: subprocess.Popen(
+      [sys.executable, *args],
+      cwd=cwd,
+      env=env,
+      text=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+    )  # fmt: skip
+    for key, args in commands.items()
+  }
+  out = {}
+  for key, proc in procs.items():
+    stdout, stderr = proc.communicate(timeout=timeout)
+    out[key] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+  return out
 
 
 SYNTHETIC_BUILDER = "nuscenes_lidarseg/v1.0-synthetic"

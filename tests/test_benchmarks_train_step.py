@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from reldistill_jax.models import point_encoder
 
@@ -19,7 +20,7 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "train_ste
 # suite's XLA_FLAGS (8 devices) say.
 ENV = {
   **os.environ,
-  "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+  "XLA_FLAGS": xla_flags(2),
   "JAX_PLATFORMS": "cpu",
 }
 
@@ -32,6 +33,7 @@ XLA_OVER_ANALYTIC = (0.5, 1.5)
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+  """One smoke run of both layouts (about 40 s, so its tests are slow)."""
   out = tmp_path_factory.mktemp("train_step") / "train_step.json"
   proc = subprocess.run(
     [sys.executable, str(SCRIPT), "--smoke", "--layout=packed", "--layout=padded", f"--out={out}"],
@@ -50,6 +52,7 @@ def _run(result, name="packed"):
   return next(r for r in result["runs"] if r["name"] == name)
 
 
+@pytest.mark.slow
 def test_smoke_writes_every_field(smoke):
   result, stdout = smoke
   for field in ("benchmark", "machine", "devices", "date", "command", "runs"):
@@ -65,6 +68,7 @@ def test_smoke_writes_every_field(smoke):
   assert stdout.startswith("| metric | packed | padded 8192 |") and "| steps/s |" in stdout
 
 
+@pytest.mark.slow
 def test_smoke_numbers_are_consistent(smoke):
   result, _ = smoke
   settings, r = _run(result)["settings"], _run(result)["results"]
@@ -93,6 +97,7 @@ def test_smoke_numbers_are_consistent(smoke):
     assert all(0 < f <= 1 for f in fill)
 
 
+@pytest.mark.slow
 def test_smoke_flops_analytic_and_xla_agree(smoke):
   result, _ = smoke
   f, settings = _run(result)["results"]["flops"], _run(result)["settings"]
@@ -139,7 +144,7 @@ def test_analytic_count_matches_the_model_parameters():
     [sys.executable, "-c", CHECK_AGAINST_PARAMS, str(SCRIPT), str(SCRIPT.parents[1])],
     capture_output=True,
     text=True,
-    env={**ENV, "XLA_FLAGS": ""},
+    env={**ENV, "XLA_FLAGS": xla_flags()},
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   for variant, (weights, flops) in json.loads(proc.stdout.splitlines()[-1]).items():
@@ -151,6 +156,7 @@ def test_analytic_count_matches_the_model_parameters():
     assert flops["attention"] == 4 * 1024 * n * widths, variant
 
 
+@pytest.mark.slow
 def test_the_padded_layout_executes_what_its_capacities_hold(smoke):
   """The layout before packing, measured in the same run on the same scans: one scan a pack,
   every stage at round_up(C0 ratio^s, K); it executes more than the packs."""
@@ -186,6 +192,7 @@ def test_minkunet_executed_count_matches_its_parameters():
     assert useful["total"] == 2 * n * (weights - strided + strided // 8), variant
 
 
+@pytest.mark.slow
 def test_minkunet_smoke_runs_beside_the_attention_encoder(tmp_path):
   out = tmp_path / "mink.json"
   proc = subprocess.run(

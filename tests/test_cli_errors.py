@@ -12,7 +12,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SYNTHETIC_BUILDER
+from conftest import SYNTHETIC_BUILDER, run_at_once, xla_flags
+
+from configs import pretrain
+from reldistill_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PRETRAIN = (
@@ -20,10 +23,13 @@ PRETRAIN = (
 )
 
 
+def _env() -> dict[str, str]:
+  return dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu")
+
+
 def _run(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   return subprocess.run(
-    [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
+    [sys.executable, "-m", *args], cwd=REPO, env=_env(), capture_output=True, text=True,
     timeout=timeout,
   )  # fmt: skip
 
@@ -47,28 +53,39 @@ def _pretrain(data, workdir, *overrides: str) -> list[str]:
   ]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-  "override, named",
-  [
-    ("--config.optimizer.lrr=1e-3", ("--config.optimizer.lrr", "optimizer.lr?")),
-    ("--config.input.batch_size=0", ("config.input.batch_size=0", ">= 1")),
-    ("--config.input.batch_size=abc", ("--config.input.batch_size=abc",)),
-    ("--config.loss.name=hinge", ("config.loss.name='hinge'", "relational")),
-    ("--config.input.pack_size=3", ("config.input.batch_size=2", "multiple of input.pack_size")),
-    ("--config.input.buckets=/nonexistent/buckets", ("/nonexistent/buckets",)),
-    (
-      "--config.checkpoint.init_from=/nonexistent/run",
-      ("config.checkpoint.init_from: /nonexistent/run does not exist", "checkpoints/<step>"),
-    ),
-    (
-      "--config.checkpoint.resume=/nonexistent/run",
-      ("config.checkpoint.resume: /nonexistent/run does not exist", "a run's workdir"),
-    ),
-  ],
-)
-def test_bad_config_values_are_one_line(small_training_data, tmp_path, override, named):
-  workdir = tmp_path / "run"
-  _one_line_error(_run(_pretrain(small_training_data, workdir, override)), *named)
+BAD_VALUES = [
+  ("--config.optimizer.lrr=1e-3", ("--config.optimizer.lrr", "optimizer.lr?")),
+  ("--config.input.batch_size=0", ("config.input.batch_size=0", ">= 1")),
+  ("--config.input.batch_size=abc", ("--config.input.batch_size=abc",)),
+  ("--config.loss.name=hinge", ("config.loss.name='hinge'", "relational")),
+  ("--config.input.pack_size=3", ("config.input.batch_size=2", "multiple of input.pack_size")),
+  ("--config.input.buckets=/nonexistent/buckets", ("/nonexistent/buckets",)),
+  (
+    "--config.checkpoint.init_from=/nonexistent/run",
+    ("config.checkpoint.init_from: /nonexistent/run does not exist", "checkpoints/<step>"),
+  ),
+  (
+    "--config.checkpoint.resume=/nonexistent/run",
+    ("config.checkpoint.resume: /nonexistent/run does not exist", "a run's workdir"),
+  ),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_value_runs(small_training_data, tmp_path_factory) -> dict[str, tuple]:
+  """override -> (its run, its workdir): the runs started at once (each is mostly imports)."""
+  root = tmp_path_factory.mktemp("bad_values")
+  workdirs = {override: root / str(i) / "run" for i, (override, _) in enumerate(BAD_VALUES)}
+  runs = run_at_once(
+    {o: ["-m", *_pretrain(small_training_data, w, o)] for o, w in workdirs.items()}, REPO, _env()
+  )
+  return {o: (runs[o], workdirs[o]) for o in workdirs}
+
+
+@pytest.mark.parametrize("override, named", BAD_VALUES)
+def test_bad_config_values_are_one_line(bad_value_runs, override, named):
+  proc, workdir = bad_value_runs[override]
+  _one_line_error(proc, *named)
   assert not workdir.exists()  # checked before the workdir is created
 
 
@@ -102,17 +119,24 @@ def test_an_empty_split_is_named(pipeline, tmp_path):
 
 
 def test_a_changed_config_is_refused_through_the_entry_point(small_training_data, tmp_path):
-  first = _run(_pretrain(small_training_data, tmp_path, "--config.num_steps=1"))
-  assert first.returncode == 0, first.stderr[-3000:]
+  # The first run, in this process, with the config the entry point builds from these flags.
+  config = pretrain.get_config(PRETRAIN.split(":", 1)[1])
+  config.input.buckets = str(small_training_data["buckets"])
+  config.input.features = str(small_training_data["features"])
+  config.model.patch_size, config.mesh.data, config.num_steps = 128, 1, 1
+  train.train_and_evaluate(config, tmp_path)
   before = sorted(p.name for p in tmp_path.rglob("*"))
-  changed = _run(_pretrain(small_training_data, tmp_path, "--config.num_steps=1",
-                           "--config.loss.name=contrastive"))  # fmt: skip
+  # The refusal, and with --verbose the same error with its traceback (both at once).
+  args = _pretrain(
+    small_training_data, tmp_path, "--config.num_steps=1", "--config.loss.name=contrastive"
+  )
+  runs = run_at_once(
+    {verbose: ["-m", *args, *verbose] for verbose in ((), ("--verbose",))}, REPO, _env()
+  )
+  changed, verbose = runs[()], runs[("--verbose",)]
   _one_line_error(changed, "loss.name: 'relational' -> 'contrastive'", "--override_config")
-  assert sorted(p.name for p in tmp_path.rglob("*")) == before
-  # --verbose: the same error, with its traceback.
-  verbose = _run(_pretrain(small_training_data, tmp_path, "--config.num_steps=1",
-                           "--config.loss.name=contrastive", "--verbose"))  # fmt: skip
   assert verbose.returncode == 2 and "Traceback" in verbose.stderr
+  assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
 def test_a_corrupt_store_met_in_training_is_one_line(small_training_data, tmp_path):

@@ -2,9 +2,9 @@
 
 import pathlib
 import subprocess
-import sys
 
 import pytest
+from conftest import run_at_once
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # command -> whether it reads input files (else it only generates or measures).
@@ -33,12 +33,15 @@ def test_every_cli_is_listed():
   assert {f"benchmarks/{p.name}" for p in scripts} <= listed
 
 
+@pytest.fixture(scope="module")
+def helps() -> dict[str, subprocess.CompletedProcess]:
+  """Every command's --help, the processes started at once (each is mostly imports)."""
+  return run_at_once({command: [*command.split(), "--help"] for command in CLIS}, ROOT)
+
+
 @pytest.mark.parametrize("command", list(CLIS))
-def test_help_says_what_it_reads_and_writes(command):
-  proc = subprocess.run(
-    [sys.executable, *command.split(), "--help"], cwd=ROOT, capture_output=True, text=True,
-    timeout=120,
-  )  # fmt: skip
+def test_help_says_what_it_reads_and_writes(command, helps):
+  proc = helps[command]
   text = proc.stdout + proc.stderr
   assert proc.returncode in (0, 1) and "Traceback" not in text, text[-2000:]  # absl exits 1
   lower = text.lower()

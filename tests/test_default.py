@@ -6,11 +6,17 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+from conftest import xla_flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+# Two runs of every stage through the entry point, about a minute: the default suite tests each
+# stage on its own (test_pipeline_synthetic, test_train, test_finetune, test_evaluate, test_report).
+@pytest.mark.slow
 def test_default_runlocal_writes_the_report(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "reldistill_jax.main", "--config=configs/default.py:runlocal"]
   proc = subprocess.run(
     [*cmd, f"--workdir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600

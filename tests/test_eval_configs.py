@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags
 from scipy import stats
 
 from configs import gap as gap_config
@@ -157,7 +158,7 @@ def test_zeroshot_refuses_another_student(pretrained, tmp_path):
 
 def test_zeroshot_given_a_checkpoint_file_names_the_layouts_through_main(pretrained, tmp_path):
   run = pretrained["checkpoint"].parent
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "reldistill_jax.main"]
   cmd += ["--config=configs/zeroshot.py:dataset=synthetic,runlocal"]
   cmd += [f"--config.model.{k}={v}" for k, v in MODEL.items()]
@@ -202,7 +203,7 @@ def _write_runs(root: pathlib.Path) -> list[pathlib.Path]:
 
 def test_gap_kind_through_main(tmp_path):
   runs = ",".join(str(f) for f in _write_runs(tmp_path / "runs"))
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "reldistill_jax.main", "--config=configs/gap.py"]
   cmd += [f"--config.runs={runs}", f"--workdir={tmp_path / 'study'}"]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

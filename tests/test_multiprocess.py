@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ARG = "loss=relational,teacher=synthetic,dataset=synthetic,runlocal"
@@ -45,7 +46,7 @@ def _env(devices: int) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}  # gRPC honours them
   env = {k: v for k, v in env.items() if not k.startswith(("JAX_", "TPU_", "SLURM_", "OMPI_"))}
   env.update(
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    XLA_FLAGS=xla_flags(devices),
     JAX_PLATFORMS="cpu",
     PYTHONUNBUFFERED="1",
   )

@@ -11,7 +11,7 @@ import base64
 import pathlib
 
 import pytest
-from conftest import REALDATA
+from conftest import REALDATA, xla_flags
 
 nbclient = pytest.importorskip("nbclient", reason="the notebooks need the `notebooks` extra")
 nbformat = pytest.importorskip("nbformat", reason="the notebooks need the `notebooks` extra")
@@ -33,7 +33,7 @@ def session(tmp_path_factory, request):
   mp = pytest.MonkeyPatch()
   request.addfinalizer(mp.undo)
   mp.setenv("RELDISTILL_WORKDIR", str(workdir))
-  mp.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  mp.setenv("XLA_FLAGS", xla_flags(1))
   mp.setenv("JAX_PLATFORMS", "cpu")
   mp.setenv("MPLBACKEND", "agg")
   if REALDATA.is_dir():

@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_at_once, xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -75,7 +76,7 @@ def _long(command: str) -> str | None:
 
 def _env() -> dict[str, str]:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["XLA_FLAGS"] = xla_flags(1)
   env["PYTHONPATH"] = str(ROOT)
   return env
 
@@ -112,7 +113,7 @@ def test_setup_commands_are_what_ci_runs():
     "pip install . && python -m reldistill_jax.main --config configs/default.py --workdir workdir/default"
   )
   assert 'pip install ".[test]" && python -m pytest -q' in test
-  assert 'pip install --quiet ".[test' in ci and "\npython -m pytest -q\n" in ci
+  assert 'pip install --quiet ".[test' in ci and "\npython -m pytest -q --durations=15\n" in ci
 
 
 @pytest.mark.slow
@@ -156,7 +157,16 @@ def test_real_data_commands_fail_only_on_missing_data(tmp_path):
     pytest.skip("every real-data path of the README exists on this machine")
 
 
+def _helpfull(modules: list[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
+  """Each module's `--helpfull` output, the modules' processes run at once."""
+  runs = run_at_once({module: [*module, "--helpfull"] for module in modules}, ROOT, _env())
+  for run in runs.values():
+    assert "--helpfull" in run.stdout, run.stderr[-2000:]  # absl prints it and exits 1
+  return {module: run.stdout for module, run in runs.items()}
+
+
 def test_flags_of_the_long_and_multiprocess_commands_exist():
+  checked = []
   for command in readme_commands():
     covered = _long(command) or (
       "tests/test_multiprocess.py" if _is_multiprocess(command) else None
@@ -165,10 +175,9 @@ def test_flags_of_the_long_and_multiprocess_commands_exist():
       continue
     assert list(ROOT.glob(covered)), f"{command}: {covered} does not exist"
     args = command.split()
-    module = args[1:3] if args[1] == "-m" else args[1:2]
-    # absl prints the help and exits with status 1.
-    proc = _run(" ".join(["python", *module, "--helpfull"]), ROOT, timeout=120)
-    assert "--helpfull" in proc.stdout, proc.stderr[-2000:]
+    checked.append((command, tuple(args[1:3] if args[1] == "-m" else args[1:2])))
+  helps = _helpfull(sorted({module for _, module in checked}))
+  for command, module in checked:
     for flag in re.findall(r"--(\w+)", command):
       if flag != "config":  # config_flags documents --config only
-        assert f"--{flag}" in proc.stdout or f"--[no]{flag}" in proc.stdout, (command, flag)
+        assert f"--{flag}" in helps[module] or f"--[no]{flag}" in helps[module], (command, flag)

@@ -1,8 +1,10 @@
 """The pretraining loop on a small synthetic world: steps, devices, resume."""
 
 import json
+import logging
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import SYNTHETIC_BUILDER, random_pairs
+from conftest import SYNTHETIC_BUILDER, random_pairs, xla_flags
 
 from configs import default, pretrain
 from data_prep import teacher_features
@@ -65,6 +67,9 @@ def test_training_runs_and_writes_its_outputs(small_training_data, tmp_path):
   assert again["measurements"]["loss"] == m["loss"] and len(again["history"]) == 4
 
 
+# Two whole training runs, each compiled for its mesh (half a minute); the default suite checks the
+# sharded losses on 8 devices against 1 (test_sharded_losses) and the packs (test_point_encoder).
+@pytest.mark.slow
 def test_eight_devices_give_the_one_device_loss(small_training_data, tmp_path):
   losses = {}
   for devices in (1, 8):
@@ -77,19 +82,36 @@ def test_eight_devices_give_the_one_device_loss(small_training_data, tmp_path):
 
 
 def _main(config_args: list[str], workdir: pathlib.Path) -> subprocess.Popen:
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "reldistill_jax.main", f"--config=configs/pretrain.py:{ARG}"]
   cmd += config_args + [f"--workdir={workdir}"]
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def test_resume_from_an_earlier_checkpoint_is_exact(small_training_data, tmp_path, caplog):
+  """A run whose newest checkpoint is gone (killed after step 2's save) resumes from step 2:
+  the same parameters, bit for bit, as an uninterrupted run (the restored optimizer and
+  iterator states included). The slow twin below kills a real process."""
+  full = train.train_and_evaluate(_config(small_training_data), tmp_path / "full")
+  train.train_and_evaluate(_config(small_training_data), tmp_path / "cut")
+  shutil.rmtree(tmp_path / "cut" / "checkpoints" / "4")
+  with caplog.at_level(logging.INFO):
+    resumed = train.train_and_evaluate(_config(small_training_data), tmp_path / "cut")
+  assert "pretrain: steps 2 to 4 on 1 device(s)" in caplog.text  # restored, not restarted
+  assert [r["step"] for r in resumed["history"] if "loss" in r] == [1, 2, 3, 4]
+  a, b = full["state"]["params"], resumed["state"]["params"]
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# Three processes (about 25 s); the default suite resumes in process, above.
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(small_training_data, tmp_path):
   args = [f"--config.input.buckets={small_training_data['buckets']}"]
   args += [f"--config.input.features={small_training_data['features']}"]
   args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  # The uninterrupted run and the one to kill are independent: they run at once.
   full = _main(args, tmp_path / "full")
-  assert full.wait(timeout=300) == 0, full.stderr.read().decode()[-3000:]
-
   killed = _main(args, tmp_path / "killed")
   checkpoint = tmp_path / "killed" / "checkpoints" / "2"
   deadline = time.time() + 300
@@ -99,6 +121,8 @@ def test_resume_after_sigkill_is_exact(small_training_data, tmp_path):
   killed.send_signal(signal.SIGKILL)
   killed.wait()
   assert not (tmp_path / "killed" / "checkpoints" / "4").exists()
+  _, err = full.communicate(timeout=300)
+  assert full.returncode == 0, err.decode()[-3000:]
 
   resumed = _main(args, tmp_path / "killed")
   assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-3000:]
