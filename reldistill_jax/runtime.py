@@ -70,6 +70,20 @@ OBSERVES = (
 # ----------------------------------------------------------------------------
 
 
+def use_compilation_cache(folder: str | pathlib.Path) -> None:
+  """Keeps the programs XLA compiles in `folder` (JAX's persistent compilation cache).
+
+  The runs of a study compile the same programs again and again, and a rerun or a resumed
+  run compiles what its first run did: with the cache they load them instead. Every program
+  is kept, the evaluations' many small ones too (JAX's default keeps those that compile in
+  over a second). A cache already chosen (JAX_COMPILATION_CACHE_DIR, `jax.config`) is kept
+  as it is. JAX reads the setting at the process's first compilation, so call this before any.
+  """
+  if jax.config.jax_compilation_cache_dir is None:
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """A 1-D `data` mesh over every device (or `config.mesh.data` of them)."""
   n = config.mesh.data if config.mesh.data > 0 else jax.device_count()

@@ -1,7 +1,10 @@
 """What the loops share: the config kept in the workdir, and the history that survives restarts."""
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -128,3 +131,32 @@ def test_a_path_that_names_no_checkpoint_says_what_is_accepted(tmp_path):
     assert message.startswith(f"config.checkpoint: {given} {what}; give "), message
     assert runtime.CHECKPOINT_LAYOUTS in message
     assert message.endswith(f"(did you mean {meant}?)" if meant else "folder in it"), message
+
+
+USE_CACHE = """
+import sys, jax, jax.numpy as jnp
+from reldistill_jax import runtime
+runtime.use_compilation_cache(sys.argv[1])
+jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()
+print(jax.config.jax_compilation_cache_dir)
+"""
+
+
+@pytest.mark.parametrize("chosen", [False, True])
+def test_compiled_programs_go_to_the_cache_unless_one_is_chosen(tmp_path, chosen):
+  """A fresh process (JAX reads the setting once): the program lands in the folder given,
+  or in the one JAX_COMPILATION_CACHE_DIR chose before."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)  # a program of milliseconds
+  if chosen:
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "chosen")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  proc = subprocess.run(
+    [sys.executable, "-c", USE_CACHE, str(tmp_path / "given")], env=env, capture_output=True,
+    text=True, timeout=120,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  used = tmp_path / ("chosen" if chosen else "given")
+  assert proc.stdout.split() == [str(used)]
+  assert any(p.name.startswith("jit_") for p in used.iterdir())
+  assert not (tmp_path / ("given" if chosen else "chosen")).exists()
