@@ -34,7 +34,8 @@ REQUIRED_TABLES = (
   "sensor",
 )
 LIDAR_CHANNEL = "LIDAR_TOP"
-POINT_DIMS = 5  # x, y, z, intensity, ring
+POINT_COLUMNS = ("x", "y", "z", "intensity", "ring")
+POINT_DIMS = len(POINT_COLUMNS)
 
 
 class DatarootError(errors.DataError):
@@ -52,9 +53,9 @@ def read_sweep(path: pathlib.Path) -> np.ndarray:
 
   Raises:
     DatarootError: if the file is missing, its size is not a multiple of 20
-      bytes, or it holds non-finite coordinates.
+      bytes, or it holds a non-finite value.
   """
-  return pointfiles.read_points(path, POINT_DIMS, DatarootError)
+  return pointfiles.read_points(path, POINT_COLUMNS, DatarootError)
 
 
 def read_lidarseg(path: pathlib.Path, num_points: int) -> np.ndarray:

@@ -208,9 +208,23 @@ def test_nan_coordinates(dataroot):
   points[5, 1] = np.nan
   points.tofile(path)
   with pytest.raises(
-    nuscenes.DatarootError, match=re.escape(path.name) + ".*NaN or infinite.*index 5"
+    nuscenes.DatarootError, match=re.escape(path.name) + ".*NaN or infinite values in y .*index 5"
   ):
     nuscenes.NuScenes(dataroot, VERSION).keyframe(SAMPLE)
+
+
+def test_a_non_finite_intensity_is_refused_at_build_time(dataroot):
+  """Intensity and ring are checked as the coordinates are: the sweep is refused, not repaired
+  (its points must stay aligned with their lidarseg labels)."""
+  path = _lidar_file(dataroot)
+  points = np.fromfile(path, "<f4").reshape(-1, 5)
+  points[7, 3], points[9, 3], points[12, 4] = np.nan, np.inf, -np.inf
+  points.tofile(path)
+  with pytest.raises(nuscenes.DatarootError) as refused:
+    nuscenes.NuScenes(dataroot, VERSION).keyframe(SAMPLE)
+  message = str(refused.value)
+  assert message.startswith(f"{path}: 3 points have NaN or infinite values in intensity, ring ")
+  assert "(first at index 7)" in message and "\n" not in message
 
 
 def test_missing_camera_image(dataroot):

@@ -92,6 +92,18 @@ def test_bad_scans(kitti_root):
     semantic_kitti.scan_record(scan)
 
 
+def test_a_non_finite_reflectance_is_refused(kitti_root):
+  scan = kitti_root / "sequences" / "08" / "velodyne" / "000000.bin"
+  points = np.fromfile(scan, "<f4").reshape(-1, 4)
+  points[3, 3] = np.nan
+  points.tofile(scan)
+  with pytest.raises(
+    semantic_kitti.KittiError,
+    match=r"000000.bin: 1 points have NaN or infinite values in reflectance \(first at index 3\)",
+  ):
+    semantic_kitti.scan_record(scan)
+
+
 def test_scan_without_labels(kitti_root):
   (kitti_root / "sequences" / "05" / "labels" / "000000.label").unlink()
   record = semantic_kitti.scan_record(kitti_root / "sequences" / "05" / "velodyne" / "000000.bin")

@@ -29,7 +29,8 @@ TRAIN_SEQUENCES = ("00", "01", "02", "03", "04", "05", "06", "07", "09", "10")
 VAL_SEQUENCES = ("08",)
 TEST_SEQUENCES = tuple(f"{i:02d}" for i in range(11, 22))
 ONE_PERCENT_STEP = 100
-POINT_DIMS = 4
+POINT_COLUMNS = ("x", "y", "z", "reflectance")
+POINT_DIMS = len(POINT_COLUMNS)
 
 
 class KittiError(errors.DataError):
@@ -40,10 +41,10 @@ def read_scan(path: pathlib.Path) -> np.ndarray:
   """Reads a velodyne `.bin` scan as float32 (N, 4).
 
   Raises:
-    KittiError: if its size is not a multiple of 16 bytes or it holds
-      non-finite coordinates.
+    KittiError: if its size is not a multiple of 16 bytes or it holds a
+      non-finite value.
   """
-  return pointfiles.read_points(path, POINT_DIMS, KittiError)
+  return pointfiles.read_points(path, POINT_COLUMNS, KittiError)
 
 
 def read_labels(path: pathlib.Path, num_points: int) -> np.ndarray:
