@@ -17,6 +17,7 @@ CLIS = {
   "-m reldistill_jax.main": True,
   "-m reldistill_jax.study": False,
   "-m reldistill_jax.models.point_encoder": False,
+  "-m reldistill_jax.models.waffleiron": False,
   "benchmarks/data_prep.py": False,
   "benchmarks/losses.py": False,
   "benchmarks/teacher.py": False,

@@ -17,7 +17,10 @@ import pytest
 from reldistill_jax.models import waffleiron, waffleiron_inputs
 
 torch = pytest.importorskip("torch", reason="the parity extra (torch) is not installed")
-tnn = torch.nn
+from waffleiron_torch import (  # noqa: E402
+  TorchSegmenter,
+  randomise_norms,
+)
 
 FOV, GRIDS = waffleiron.GRIDS["semantickitti"]  # WI-48-256's grids
 DIM_PROJ = (2, 1, 0)  # the official configs' `dim_proj`: (x, y), (x, z), (y, z)
@@ -70,161 +73,6 @@ def _close_grads(got, want, tol: float = 1e-5) -> None:
       assert max(np.max(np.abs(g)), np.max(np.abs(flat_want[path]))) < 1e-4 * scale
     else:
       _close(g, flat_want[path], max(tol, _GRAD_TOLERANCE.get(key, 0)), jax.tree_util.keystr(path))
-
-
-# ----------------------------------------------------------------------------
-# The official code, restated in PyTorch module by module (embedding.py, backbone.py with
-# the scatter_reduce projection of helper_projection.py, segmenter.py; ScaLR's gelu and MLP head).
-# ----------------------------------------------------------------------------
-
-
-class TorchLayerNorm(tnn.LayerNorm):  # myLayerNorm: LayerNorm over the channels of (B, C, N)
-  def forward(self, x):
-    return super().forward(x.transpose(1, -1)).transpose(1, -1)
-
-
-class TorchDropPath(tnn.Module):
-  def __init__(self, drop_prob=0.0):
-    super().__init__()
-    self.drop_prob, self.keep_prob = drop_prob, 1 - drop_prob
-
-  def forward(self, x):
-    if not self.training or self.drop_prob == 0.0:
-      return x
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    return x.div(self.keep_prob) * (self.keep_prob + torch.rand(shape, dtype=x.dtype)).floor_()
-
-
-def _torch_norm(which, channels):
-  return tnn.BatchNorm1d(channels) if which == "batchnorm" else TorchLayerNorm(channels)
-
-
-class TorchChannelMix(tnn.Module):
-  def __init__(self, channels, drop_path_prob, which_norm="batchnorm", gelu=False):
-    super().__init__()
-    self.norm = _torch_norm(which_norm, channels)
-    self.mlp = tnn.Sequential(
-      tnn.Conv1d(channels, channels, 1),
-      tnn.GELU() if gelu else tnn.ReLU(inplace=True),
-      tnn.Conv1d(channels, channels, 1),
-    )
-    self.scale = tnn.Conv1d(channels, channels, 1, bias=False, groups=channels)
-    self.drop_path = TorchDropPath(drop_path_prob)
-
-  def forward(self, tokens):
-    return tokens + self.drop_path(self.scale(self.mlp(self.norm(tokens))))
-
-
-class TorchSpatialMix(tnn.Module):
-  def __init__(self, channels, grid_shape, drop_path_prob, which_norm="batchnorm", gelu=False):
-    super().__init__()
-    self.H, self.W = grid_shape
-    self.norm = _torch_norm(which_norm, channels)
-    self.ffn = tnn.Sequential(
-      tnn.Conv2d(channels, channels, 3, padding=1, groups=channels),
-      tnn.GELU() if gelu else tnn.ReLU(inplace=True),
-      tnn.Conv2d(channels, channels, 3, padding=1, groups=channels),
-    )
-    self.scale = tnn.Conv1d(channels, channels, 1, bias=False, groups=channels)
-    self.drop_path = TorchDropPath(drop_path_prob)
-
-  def forward(self, tokens, sp_mat):
-    b, c, _ = tokens.shape
-    residual = self.norm(tokens)
-    flat = torch.zeros((b, c, self.H * self.W), dtype=residual.dtype)
-    flat.scatter_reduce_(2, sp_mat["inflate"], residual, "mean", include_self=False)
-    residual = self.ffn(flat.reshape(b, c, self.H, self.W))
-    residual = self.scale(residual.reshape(b, c, self.H * self.W))
-    residual = torch.gather(residual, 2, sp_mat["inflate"])
-    return tokens + self.drop_path(residual)
-
-
-class TorchWaffleIron(tnn.Module):
-  def __init__(self, channels, depth, grids_shape, drop_path_prob, which_norm, gelu):
-    super().__init__()
-    self.grids_shape = grids_shape
-    self.channel_mix = tnn.ModuleList(
-      [TorchChannelMix(channels, drop_path_prob, which_norm, gelu) for _ in range(depth)]
-    )
-    self.spatial_mix = tnn.ModuleList(
-      [
-        TorchSpatialMix(
-          channels, grids_shape[d % len(grids_shape)], drop_path_prob, which_norm, gelu
-        )
-        for d in range(depth)
-      ]
-    )
-
-  def forward(self, tokens, cell_ind, occupied_cell):
-    c = tokens.shape[1]
-    sp_mat = [
-      {"inflate": cell_ind[:, i : i + 1].expand(-1, c, -1)} for i in range(cell_ind.shape[1])
-    ]
-    for d, (smix, cmix) in enumerate(zip(self.spatial_mix, self.channel_mix, strict=True)):
-      tokens = cmix(smix(tokens, sp_mat[d % len(sp_mat)]))
-    return tokens
-
-
-class TorchEmbedding(tnn.Module):
-  def __init__(self, channels_in, channels_out):
-    super().__init__()
-    self.norm = tnn.BatchNorm1d(channels_in)
-    self.conv1 = tnn.Conv1d(channels_in, channels_out, 1)
-    self.conv2 = tnn.Sequential(
-      tnn.BatchNorm2d(channels_in),
-      tnn.Conv2d(channels_in, channels_out, 1, bias=False),
-      tnn.BatchNorm2d(channels_out),
-      tnn.ReLU(inplace=True),
-      tnn.Conv2d(channels_out, channels_out, 1, bias=False),
-    )
-    self.final = tnn.Conv1d(2 * channels_out, channels_out, 1, bias=True, padding=0)
-
-  def forward(self, x, neighbors):
-    x = self.norm(x)
-    point_emb = self.conv1(x)
-    gather = []
-    for ind_nn in range(1, neighbors.shape[1]):  # column 0 is the point itself
-      temp = neighbors[:, ind_nn : ind_nn + 1, :].expand(-1, x.shape[1], -1)
-      gather.append(torch.gather(x, 2, temp).unsqueeze(-1))
-    neigh_emb = torch.cat(gather, -1) - x.unsqueeze(-1)
-    neigh_emb = self.conv2(neigh_emb).max(-1)[0]
-    return self.final(torch.cat((point_emb, neigh_emb), dim=1))
-
-
-class TorchSegmenter(tnn.Module):
-  def __init__(self, input_channels, feat_channels, nb_class, depth, grid_shape,
-               drop_path_prob=0, which_norm="batchnorm", gelu=False, mlp_hidden_size=None):  # fmt: skip
-    super().__init__()
-    self.embed = TorchEmbedding(input_channels, feat_channels)
-    self.waffleiron = TorchWaffleIron(
-      feat_channels, depth, grid_shape, drop_path_prob, which_norm, gelu
-    )
-    if mlp_hidden_size:
-      self.classif = tnn.Sequential(
-        tnn.Conv1d(feat_channels, mlp_hidden_size, 1),
-        tnn.ReLU(inplace=True),
-        tnn.Conv1d(mlp_hidden_size, nb_class, 1),
-      )
-    else:
-      self.classif = tnn.Conv1d(feat_channels, nb_class, 1)
-
-  def forward(self, feats, cell_ind, occupied_cell, neighbors):
-    tokens = self.embed(feats, neighbors)
-    return self.classif(self.waffleiron(tokens, cell_ind, occupied_cell))
-
-
-def _randomise_norms(model: tnn.Module, seed: int) -> tnn.Module:
-  """Affine parameters and running statistics away from their defaults."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, tnn.BatchNorm1d | tnn.BatchNorm2d | tnn.LayerNorm):
-        m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
-        m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-      if isinstance(m, tnn.BatchNorm1d | tnn.BatchNorm2d):
-        m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
-        m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-  return model
 
 
 # ----------------------------------------------------------------------------
@@ -320,7 +168,7 @@ def _small(which_norm="batchnorm", gelu=False, width=32, depth=3, randomise=True
   args = dict(variant=None, depth=depth, width=width, out_dim=7, fov=FOV, grids=GRIDS,
               norm="batch" if which_norm == "batchnorm" else "layer",
               activation="gelu" if gelu else "relu", normalize=False)  # fmt: skip
-  return _randomise_norms(model, 1) if randomise else model, args
+  return randomise_norms(model, 1) if randomise else model, args
 
 
 # ----------------------------------------------------------------------------
@@ -524,7 +372,7 @@ def _network_parity(data, width: int) -> None:
   """
   batch, torch_inputs = data
   torch.manual_seed(0)
-  reference = _randomise_norms(TorchSegmenter(5, width, 19, 48, GRIDS), 1)
+  reference = randomise_norms(TorchSegmenter(5, width, 19, 48, GRIDS), 1)
   args = dict(variant=None, depth=48, width=width, out_dim=19, fov=FOV, grids=GRIDS,
               normalize=False)  # fmt: skip
   model = waffleiron.Model(**args)
@@ -561,7 +409,7 @@ def test_a_scan_alone_equals_the_scan_in_a_pack(clouds):
   model = waffleiron.Model(variant="tiny", out_dim=8)
   torch.manual_seed(0)
   depth, width, _, grids = model.sizes()
-  reference = _randomise_norms(TorchSegmenter(5, width, 8, depth, grids), 1)
+  reference = randomise_norms(TorchSegmenter(5, width, 8, depth, grids), 1)
   variables = waffleiron.load_torch_checkpoint(reference.state_dict(), model)
   weights = jnp.asarray(np.random.default_rng(0).normal(size=(POINTS, 8)), jnp.float32)
 

@@ -108,8 +108,8 @@ from reldistill_jax.models.waffleiron_inputs import NUM_NEIGHBORS, PLANE_AXES, P
 # configs give the grids; a cell spans (max - min) / grid (`datasets/pc_dataset.py`), so a grid
 # is the extent over the cell size, rounded down: nuScenes (configs/WaffleIron-48-384__nuscenes
 # .yaml) 100 m / 0.6 m = 166 and 10 m / 0.6 m = 16; ScaLR (configs/pretrain/WI_768_pretrain.yaml)
-# 128 / 0.5 = 256 and 16 / 0.5 = 32; SemanticKITTI as issue 29 gives it, 100 / 0.4 = 250 and
-# 5 / 0.4 = 12 (its config file is not among the sources read; the BEV-only
+# 128 / 0.5 = 256 and 16 / 0.5 = 32; SemanticKITTI (WaffleIron-48-256__kitti.yaml) x, y in
+# +-50 m, z in [-3, 2] m, 100 / 0.4 = 250 and 5 / 0.4 = 12 (the BEV-only
 # WaffleIron-48-256__40cm-BEV-cutmix-kitti.yaml has z in [-5, 3] and one (250, 250) grid).
 GRIDS = {
   "semantickitti": (((-50, -50, -3), (50, 50, 2)), ((250, 250), (250, 12), (250, 12))),
@@ -267,14 +267,18 @@ class DepthwiseConv(nn.Module):
     return out
 
 
-class SpatialMix(nn.Module):
-  """x += DropPath(LayerScale(FFN(flatten(norm(x))))[cell]) on one plane."""
+class _Mix(nn.Module):
+  """The settings SpatialMix and ChannelMix share."""
 
   norm: str = "batch"
   momentum: float = 0.1
   activation: str = "relu"
   drop_path: float = 0.0
   dtype: Any = jnp.float32
+
+
+class SpatialMix(_Mix):
+  """x += DropPath(LayerScale(FFN(flatten(norm(x))))[cell]) on one plane."""
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, proj: Projection, scan: jax.Array):
@@ -289,14 +293,8 @@ class SpatialMix(nn.Module):
     return jnp.where(mask[..., None], x + y, 0)
 
 
-class ChannelMix(nn.Module):
+class ChannelMix(_Mix):
   """x += DropPath(LayerScale(conv, act, conv (norm(x))))."""
-
-  norm: str = "batch"
-  momentum: float = 0.1
-  activation: str = "relu"
-  drop_path: float = 0.0
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, scan: jax.Array, slots: int) -> jax.Array:
