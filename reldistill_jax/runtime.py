@@ -73,8 +73,9 @@ OBSERVES = (
 def use_compilation_cache(folder: str | pathlib.Path) -> None:
   """Keeps the programs XLA compiles in `folder` (JAX's persistent compilation cache).
 
-  The runs of a study compile the same programs again and again, and a rerun or a resumed
-  run compiles what its first run did: with the cache they load them instead. Every program
+  The runs of a study (`study.run_study` calls this) compile the same programs again and
+  again, and a restarted study compiles what it did before: with the cache they load them
+  instead. Every program
   is kept, the evaluations' many small ones too (JAX's default keeps those that compile in
   over a second). A cache already chosen (JAX_COMPILATION_CACHE_DIR, `jax.config`) is kept
   as it is. JAX reads the setting at the process's first compilation, so call this before any.

@@ -108,7 +108,7 @@ def run_at_once(
       text=True,
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
-    )  # fmt: skip
+    )
     for key, args in commands.items()
   }
   out = {}
