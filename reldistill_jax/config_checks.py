@@ -211,7 +211,8 @@ def _check_devices(config: ml_collections.ConfigDict, prefix: str) -> None:
         f"gives {batch // pack} packs a step, not a multiple of the {data} devices of the data "
         f"axis (set input.pack_size to input.batch_size / {data} or a divisor of it)",
       )  # fmt: skip
-  evaluates = not _has(config, "eval.every") or config.eval.every  # pretraining: curves only
+  # Pretraining evaluates only for its curves; every other run evaluates at its end.
+  evaluates = config.get("kind") != "pretrain" or config.eval.every
   if _has(config, "eval.batch_size") and evaluates and config.eval.batch_size % data:
     _fail(
       prefix, "eval.batch_size", config.eval.batch_size,

@@ -389,15 +389,25 @@ def finetune_and_evaluate(
     config.checkpoint.init_from or "random init",
   )  # fmt: skip
 
-  # Loop.
+  # Loop, with the validation curve every config.eval.every steps; its last point is the
+  # final evaluation.
+  evaluated = {}
+
+  def curve_point(params) -> dict:
+    evaluated["metrics"] = evaluate_on(config, encoder, head, params, val_buckets, mesh)
+    return {"val_miou": evaluated["metrics"]["miou"]}
+
   state, measurements, history = runtime.run_loop(
     state, step_fn, iterator, data_sharding, manager, workdir,
     start=start, num_steps=num_steps, log_every=config.log_every,
     checkpoint_every=config.checkpoint.every, name=config.mode,
+    evaluate_fn=curve_point if config.eval.every else None, eval_every=config.eval.every,
   )  # fmt: skip
 
   # Evaluation on every point of the validation store, and the report.
-  metrics = evaluate_on(config, encoder, head, state["params"], val_buckets, mesh)
+  metrics = evaluated.get("metrics") or evaluate_on(
+    config, encoder, head, state["params"], val_buckets, mesh
+  )
   logging.info("%s on %s: %s", config.mode, val_buckets.path, report.describe_miou(metrics))
   if jax.process_index() == 0:
     run = {"num_steps": num_steps, "train_scans": len(buckets)}

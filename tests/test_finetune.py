@@ -155,14 +155,19 @@ def _check_metrics(metrics, workdir):
 
 def test_finetuning_reduces_the_training_loss(small_training_data, tmp_path):
   # Rates a tenth of the protocol's: four steps of a tiny student on one batch.
+  # With the validation curve every 2 steps: its last point is the final evaluation.
   config = _finetune_config(
-    small_training_data, "finetune", **{"optimizer.head_lr": 0.2, "optimizer.encoder_lr": 0.02}
-  )
+    small_training_data, "finetune",
+    **{"optimizer.head_lr": 0.2, "optimizer.encoder_lr": 0.02, "eval.every": 2},
+  )  # fmt: skip
   out = finetune.finetune_and_evaluate(config, tmp_path)
   assert out["num_steps"] == 4  # 4 epochs of 4 scans, batch 4
-  losses = [m["loss"] for m in out["history"]]  # each before its step's update
+  losses = [m["loss"] for m in out["history"] if "loss" in m]  # each before its step's update
   assert len(losses) == 4 and all(np.isfinite(losses))
   assert np.all(np.diff(losses) < 0), losses
+  curve = [(m["step"], m["val_miou"]) for m in out["history"] if "val_miou" in m]
+  assert [step for step, _ in curve] == [2, 4]
+  assert curve[-1][1] == out["metrics"]["miou"]
   assert out["measurements"]["learning_rate/encoder"] > 0
   _check_metrics(out["metrics"], tmp_path)
   initial = _init_params(config, small_training_data)
