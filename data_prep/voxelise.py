@@ -170,6 +170,11 @@ def _init_worker(open_source: Callable[[], Sequence], config: Mapping[str, Any])
   _worker["config"] = config
 
 
+def _start_worker(open_source: Callable[[], Sequence], config: Mapping[str, Any]) -> None:
+  cli.worker_started()
+  _init_worker(open_source, config)
+
+
 def scan_sizes(bucket: Mapping[str, Any]) -> list[int]:
   """A bucket's row of the manifest's `sizes`: its voxels per stage, then its pairs."""
   return [*(int(n) for n in bucket["counts"]), len(bucket["pairs_voxel"])]
@@ -257,7 +262,8 @@ def voxelise_split(
   else:
     # spawn: the parent may hold threads (TFDS, absl) that fork would copy mid-flight.
     context = multiprocessing.get_context("spawn")
-    pool = context.Pool(min(workers, len(pending)), _init_worker, (open_source, config))
+    with cli.signals_deferred():  # the workers start whole; a stop signal waits for that
+      pool = context.Pool(min(workers, len(pending)), _start_worker, (open_source, config))
     results = pool.imap_unordered(_unpack_write_shard, jobs)
   try:
     for shard, written, sizes, labelled in results:

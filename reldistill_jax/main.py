@@ -27,12 +27,13 @@ reads its slice of every global batch (reldistill_jax.distributed).
 """
 
 import json
+import pathlib
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from reldistill_jax import cli, config_checks, distributed, errors, report
+from reldistill_jax import cli, config_checks, distributed, errors, report, workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file (configs/).", lock_config=True
@@ -75,33 +76,36 @@ def main(argv):
   distributed.initialize(
     _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value
   )
-  logging.info("process %d of %d, %d device(s)", jax.process_index(), jax.process_count(),
-               jax.device_count())  # fmt: skip
   config_checks.validate(config)
-  workdir, override = _WORKDIR.value, _OVERRIDE.value
+  workdir = pathlib.Path(_WORKDIR.value)
+  process, processes = jax.process_index(), jax.process_count()
+  if processes > 1:
+    logging.info("process %d of %d, %d device(s)", process, processes, jax.device_count())
+  cli.keep_library_log(workdir / ("run.log" if process == 0 else f"run.process_{process}.log"))
+  with workdir_lock.hold(workdir, take=process == 0):
+    run(config, workdir, _OVERRIDE.value)
+
+
+def run(config, workdir: pathlib.Path, override: bool) -> None:
+  """Runs the config's `kind` in `workdir` and prints its result block."""
   if config.kind == "pretrain":
     from reldistill_jax import train
 
     out = train.train_and_evaluate(config, workdir, override)
-    # Every process's view of the last step (equal across processes).
-    logging.info(
-      "process %d of %d, last measurements: %s",
-      jax.process_index(),
-      jax.process_count(),
-      json.dumps(out["measurements"], sort_keys=True),
-    )
+    if jax.process_count() > 1:  # each process's view of the last step (equal across them)
+      logging.info("process %d of %d, last measurements: %s", jax.process_index(),
+                   jax.process_count(), json.dumps(out["measurements"], sort_keys=True))  # fmt: skip
     loss = out["measurements"].get("loss", float("nan"))
-    report.print_results(
-      "pretraining", {"final loss": f"{loss:.4f}", "steps": str(config.num_steps)}, workdir
-    )
+    rows = {"final loss": f"{loss:.4f}", "steps": str(config.num_steps)}
+    report.print_results("pretraining", rows | report.step_times(out["history"]), workdir)
   elif config.kind == "finetune":
     from reldistill_jax import finetune
 
-    metrics = finetune.finetune_and_evaluate(config, workdir, override)["metrics"]
+    out = finetune.finetune_and_evaluate(config, workdir, override)
     name = "few-shot" if config.mode == "finetune" else "linear probe"
-    report.print_results(
-      f"{name} ({config.subset})", {f"{name} mIoU": report.describe_miou(metrics)}, workdir
-    )
+    rows = {f"{name} mIoU": report.describe_miou(out["metrics"])}
+    report.print_results(f"{name} ({config.subset})", rows | report.step_times(out["history"]),
+                         workdir)  # fmt: skip
   elif config.kind == "default":
     from reldistill_jax import pipeline
 

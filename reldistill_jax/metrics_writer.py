@@ -14,6 +14,8 @@ import time
 from absl import logging
 from tensorboardX import SummaryWriter
 
+from reldistill_jax import errors
+
 HISTORY_FILE = "history.jsonl"
 # Console names of the measurements shown on the progress line (the rest go to TensorBoard).
 _SHOWN = {"grad_norm": "grad norm", "learning_rate": "lr", "train_accuracy": "train accuracy"}
@@ -53,11 +55,12 @@ class MetricWriter:
       return
     record = {"step": step, **scalars}
     self.history.append(record)
-    with self._path.open("a") as f:
+    with errors.storage_faults(self._path, "writing the run's history"), self._path.open("a") as f:
       f.write(json.dumps(record) + "\n")
-    for name, value in scalars.items():
-      self._writer.add_scalar(name, value, step)
-    self._writer.flush()
+    with errors.storage_faults(self._path.parent / "tensorboard", "writing TensorBoard events"):
+      for name, value in scalars.items():
+        self._writer.add_scalar(name, value, step)
+      self._writer.flush()
     logging.info("%s", self._line(step, scalars, total_steps))
 
   def _line(self, step: int, scalars: dict[str, float], total_steps: int) -> str:
@@ -74,12 +77,20 @@ class MetricWriter:
     parts = [f"{k.split('/', 1)[1]} {v:.3g}" for k, v in scalars.items() if k.startswith("loss/")]
     loss = f"loss {scalars.get('loss', math.nan):.4g}" + (f" ({', '.join(parts)})" if parts else "")
     shown = [f"{label} {scalars[k]:.3g}" for k, label in _SHOWN.items() if k in scalars]
-    speed = f"{scalars.get('step_time', math.nan):.2f} s/step"
-    return f"{self.name} step {step}/{total_steps}: " + ", ".join([loss, *shown, speed]) + eta
+    if "step_time" in scalars:
+      shown.append(f"{scalars['step_time']:.2f} s/step")
+    if "compile_time" in scalars:
+      shown.append(f"first step {scalars['compile_time']:.1f} s (compiling)")
+    return f"{self.name} step {step}/{total_steps}: " + ", ".join([loss, *shown]) + eta
 
   def close(self) -> None:
-    if self._writer is not None:
+    if self._writer is None:
+      return
+    try:
       self._writer.close()
+    except OSError:
+      pass  # a full disk: the write that met it already stopped the run, saying so
+    self._writer = None
 
 
 def _duration(seconds: float) -> str:

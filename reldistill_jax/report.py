@@ -23,6 +23,7 @@ In `metrics`, a dict holding a "miou" key is an evaluation (at any depth, e.g.
 import json
 import math
 import pathlib
+import statistics
 import sys
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -286,6 +287,18 @@ def print_results(title: str, rows: Mapping[str, str], workdir) -> None:
   lines = [f"reldistill-jax {title}:", *(f"  {k:<{width}}  {v}" for k, v in rows.items())]
   sys.stdout.write("\n" + "\n".join(lines) + "\n")
   sys.stdout.flush()
+
+
+def step_times(history) -> dict[str, str]:
+  """The result rows of a run's times: its last compilation and its median step time."""
+  compiles = [r["compile_time"] for r in history if "compile_time" in r]
+  steps = [r["step_time"] for r in history if "step_time" in r]
+  rows = {}
+  if compiles:
+    rows["compile time"] = f"{compiles[-1]:.1f} s (the first step of the last start)"
+  if steps:
+    rows["step time"] = f"{statistics.median(steps):.3f} s (median)"
+  return rows
 
 
 def to_jsonable(value):

@@ -47,7 +47,15 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from reldistill_jax import errors, files, input_pipeline, packing, records
+from reldistill_jax import (
+  checkpoint_health,
+  errors,
+  files,
+  input_pipeline,
+  packing,
+  records,
+  workdir_lock,
+)
 from reldistill_jax import metrics_writer as mw
 
 CONFIG_FILE = "config.json"
@@ -281,6 +289,7 @@ def record_config(
   if not path.is_file():
     if writer:
       workdir.mkdir(parents=True, exist_ok=True)
+      workdir_lock.take(workdir)  # where the entry point deferred it (a new workdir)
       files.atomic_write(path, json.dumps(config_dict(config), indent=1) + "\n")
     return
   effective = _flatten(json.loads(path.read_text()))
@@ -334,14 +343,17 @@ def checkpoint_manager(workdir: pathlib.Path, keep: int) -> ocp.CheckpointManage
 
 
 def save_checkpoint(manager, step: int, state, iterator) -> None:
-  """Saves the train state and the grain iterator's position at `step`."""
-  manager.save(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)
-    ),
-    force=True,
-  )
+  """Saves the train state and the grain iterator's position at `step` (asynchronously;
+  the sizes of the checkpoints finished by then are recorded: `checkpoint_health`)."""
+  with errors.storage_faults(manager.directory, "saving a checkpoint"):
+    checkpoint_health.record_sizes(manager.directory)
+    manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)
+      ),
+      force=True,
+    )
 
 
 # What a checkpoint path may name (`find_checkpoint`).
@@ -402,18 +414,21 @@ def find_checkpoint(path: str | pathlib.Path, field: str | None = None) -> tuple
 
 def restore_checkpoint(manager, resume: str | None, abstract_sharded, iterator):
   """The state (and iterator position) of the workdir's latest checkpoint, else of
-  the checkpoint `resume` names (`find_checkpoint`); None when there is neither."""
-  args = lambda: ocp.args.Composite(
-    state=ocp.args.StandardRestore(abstract_sharded),
-    data=grain.checkpoint.CheckpointRestore(iterator),
-  )
+  the checkpoint `resume` names (`find_checkpoint`); None when there is neither. The
+  workdir's newest checkpoint that fails its checks is set aside (`checkpoint_health`).
+  A checkpoint saved by another number of processes resumes too (`restore_step`)."""
   if manager.latest_step() is not None:
-    logging.info("resuming from %s step %d", manager.directory, manager.latest_step())
-    return manager.restore(manager.latest_step(), args=args())["state"]
+    step, state = checkpoint_health.restore_newest_whole(
+      manager,
+      lambda step: checkpoint_health.restore_step(manager, step, abstract_sharded, iterator),
+    )
+    logging.info("resuming from %s step %d", manager.directory, step)
+    return state
   if resume:
     folder, step = find_checkpoint(resume, "config.checkpoint.resume")
     logging.info("resuming from %s step %d", folder, step)
-    return ocp.CheckpointManager(folder).restore(step, args=args())["state"]
+    manager = ocp.CheckpointManager(folder)
+    return checkpoint_health.restore_step(manager, step, abstract_sharded, iterator)
   return None
 
 
@@ -497,7 +512,9 @@ def run_loop(
 
   Runs `step_fn(state, batch) -> (state, measurements)` from step `start` to
   `num_steps`: measurements every `log_every` steps to TensorBoard, the
-  run's history and one console line, checkpoints every `checkpoint_every`
+  run's history and one console line (`step_time`: the mean over the steps
+  since the last line; the first step's time, which holds the compilation, is
+  `compile_time` instead), checkpoints every `checkpoint_every`
   steps and at the end; `evaluate_fn(params) -> scalars` every `eval_every`
   steps and at the end (the curves, `curves.py`), written the same way.
 
@@ -514,7 +531,7 @@ def run_loop(
   several = jax.process_count() > 1
   previous = None if several else signal.signal(signal.SIGTERM, StopRequest.handler)
   StopRequest.requested = stop = False
-  measurements, pending, t0 = {}, None, time.perf_counter()
+  measurements, pending, t0, timed, first = {}, None, time.perf_counter(), 0, {}
   try:
     # Implicit host <-> device transfers fail loudly; the loop's are explicit.
     with jax.transfer_guard("disallow"):
@@ -522,6 +539,12 @@ def run_loop(
         batch = next(iterator)
         tokens = batch["token"]
         state, out = step_fn(state, input_pipeline.to_device(batch, data_sharding))
+        if step == start:  # its time is the compilation's: kept apart from the step times
+          jax.block_until_ready(out)
+          first["compile_time"] = time.perf_counter() - t0
+          logging.info("%s: compiled and ran the first step in %.1f s", name, first["compile_time"])
+          t0, timed = time.perf_counter(), -1
+        timed += 1
         # The previous step's loss is checked while this one runs.
         if pending is not None:
           check_finite(*pending)
@@ -529,11 +552,12 @@ def run_loop(
         if (step + 1) % log_every == 0 or step + 1 == num_steps:
           check_finite(*pending)
           measurements = {k: float(v) for k, v in jax.device_get(out).items()}
-          measurements["step_time"] = (time.perf_counter() - t0) / log_every
-          if "pairs" in measurements:
+          if timed:
+            measurements["step_time"] = (time.perf_counter() - t0) / timed
+          if "pairs" in measurements and timed:
             measurements["pairs_per_second"] = measurements["pairs"] / measurements["step_time"]
-          writer.write(step + 1, measurements, num_steps)
-          t0 = time.perf_counter()
+          writer.write(step + 1, measurements | first, num_steps)
+          t0, timed, first = time.perf_counter(), 0, {}
         last = step + 1 == num_steps
         if evaluate_fn is not None and ((step + 1) % eval_every == 0 or last):
           with jax.transfer_guard("allow"):  # the evaluation reads results on the host
@@ -552,8 +576,12 @@ def run_loop(
   finally:
     if previous is not None:
       signal.signal(signal.SIGTERM, previous)
-    manager.wait_until_finished()
-    writer.close()
+    try:
+      with errors.storage_faults(manager.directory, "saving a checkpoint"):
+        manager.wait_until_finished()
+        checkpoint_health.record_sizes(manager.directory)
+    finally:
+      writer.close()
   history = writer.history
   if not measurements and history:  # nothing left to run: the last logged step
     measurements = {k: v for k, v in history[-1].items() if k != "step"}

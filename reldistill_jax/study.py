@@ -92,6 +92,7 @@ from reldistill_jax import (
   stats,
   study_report,
   train,
+  workdir_lock,
 )
 
 LOSSES = ("relational", "contrastive", "similarity")
@@ -576,7 +577,11 @@ def main(argv):
     "epochs": _EPOCHS.value,
   }
   preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
-  study = run_study(_WORKDIR.value, preset, _MODEL.value, _OUT.value, _RECORDS.value)
+  workdir = pathlib.Path(_WORKDIR.value)
+  workdir.mkdir(parents=True, exist_ok=True)
+  cli.keep_library_log(workdir / "run.log")
+  with workdir_lock.hold(workdir):  # one study per workdir
+    study = run_study(_WORKDIR.value, preset, _MODEL.value, _OUT.value, _RECORDS.value)
   print(study_report.markdown(study))
 
 

@@ -170,3 +170,31 @@ def small_training_data(pipeline, tmp_path_factory) -> dict[str, pathlib.Path]:
     "features": tmp / "features",
     "val_features": tmp / "val_features",
   }
+
+
+# A 4-step pretraining of the tiny student on `small_training_data`, checkpoints at 2 and 4.
+PRETRAIN_ARG = "loss=relational,teacher=synthetic,dataset=synthetic,runlocal"
+PRETRAIN_OVERRIDES = {
+  "mesh.data": 1,
+  "input.num_pairs": 256,
+  "model.patch_size": 128,
+  "num_steps": 4,
+  "log_every": 1,
+  "checkpoint.every": 2,
+}
+
+
+def pretrain_config(data, **extra):
+  """configs/pretrain.py on `small_training_data`, with `PRETRAIN_OVERRIDES` and `extra`."""
+  from configs import pretrain
+
+  config = pretrain.get_config(PRETRAIN_ARG)
+  config.input.buckets = str(data["buckets"])
+  config.input.features = str(data["features"])
+  for key, value in {**PRETRAIN_OVERRIDES, **extra}.items():
+    node = config
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config

@@ -124,19 +124,23 @@ def test_a_changed_config_is_refused_through_the_entry_point(small_training_data
   config.input.buckets = str(small_training_data["buckets"])
   config.input.features = str(small_training_data["features"])
   config.model.patch_size, config.mesh.data, config.num_steps = 128, 1, 1
-  train.train_and_evaluate(config, tmp_path)
-  before = sorted(p.name for p in tmp_path.rglob("*"))
-  # The refusal, and with --verbose the same error with its traceback (both at once).
-  args = _pretrain(
-    small_training_data, tmp_path, "--config.num_steps=1", "--config.loss.name=contrastive"
-  )
-  runs = run_at_once(
-    {verbose: ["-m", *args, *verbose] for verbose in ((), ("--verbose",))}, REPO, _env()
-  )
+  workdir, copy = tmp_path / "run", tmp_path / "copy"
+  train.train_and_evaluate(config, workdir)
+  shutil.copytree(workdir, copy)
+  before = sorted(p.name for p in workdir.rglob("*"))
+  # The refusal, and with --verbose the same error with its traceback (both at once, each in
+  # its own workdir: a workdir takes one run at a time).
+  args = {
+    verbose: _pretrain(
+      small_training_data, folder, "--config.num_steps=1", "--config.loss.name=contrastive"
+    )
+    for verbose, folder in (((), workdir), (("--verbose",), copy))
+  }
+  runs = run_at_once({v: ["-m", *a, *v] for v, a in args.items()}, REPO, _env())
   changed, verbose = runs[()], runs[("--verbose",)]
   _one_line_error(changed, "loss.name: 'relational' -> 'contrastive'", "--override_config")
   assert verbose.returncode == 2 and "Traceback" in verbose.stderr
-  assert sorted(p.name for p in tmp_path.rglob("*")) == before
+  assert sorted(p.name for p in workdir.rglob("*")) == before
 
 
 def test_a_corrupt_store_met_in_training_is_one_line(small_training_data, tmp_path):

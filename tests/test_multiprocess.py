@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -110,8 +111,14 @@ def _wait(procs, logs, deadline: float, status: int = 0) -> list[str]:
   return [log.read_text(errors="replace") for log in logs]
 
 
+def _history(workdir: pathlib.Path) -> dict[int, dict]:
+  """The logged training steps of a run's history.jsonl, by step."""
+  rows = map(json.loads, (workdir / "history.jsonl").read_text().splitlines())
+  return {r["step"]: r for r in rows if "loss" in r}
+
+
 def _last(texts: list[str], procs, logs) -> list[dict]:
-  """Each process's last measurements, as the entry point logs them."""
+  """Each process's last measurements, as the entry point logs them with several processes."""
   out = []
   for i, text in enumerate(texts):
     found = LAST.findall(text)
@@ -132,7 +139,8 @@ def test_two_processes_give_the_one_process_loss(small_training_data, tmp_path):
   try:
     deadline = time.monotonic() + TIMEOUT
     two = _last(_wait(*pair, deadline), *pair)
-    (one,) = _last(_wait(*single, deadline), *single)
+    _wait(*single, deadline)
+    one = _history(tmp_path / "one")[OVERRIDES["num_steps"]]
   finally:
     _kill(pair[0] + single[0])
   print(f"3 processes in {time.monotonic() - start:.1f}s; losses: one {one['loss']!r}, "
@@ -178,3 +186,46 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(small_training_data,
   assert len(steps) == 1 and 2 <= steps[0] < 1000, (steps, _tails(procs, logs))
   for text in texts:
     assert f"stopped by SIGTERM after saving step {steps[0]}" in text, _tails(procs, logs)
+
+
+def _resume(workdir: pathlib.Path, copy: pathlib.Path) -> pathlib.Path:
+  """A copy of a finished run, cut back to its step-2 checkpoint (its newest one lost)."""
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(copy / "checkpoints" / "4")
+  return copy
+
+
+@pytest.mark.slow
+def test_a_run_resumes_on_another_number_of_processes(small_training_data, tmp_path):
+  """2 processes -> 1 and 1 -> 2 (four devices in all, each time): the steps after the
+  resume give the uninterrupted run's losses."""
+  data, overrides = small_training_data, {**OVERRIDES, "num_steps": 4, "checkpoint.every": 2}
+  pair = _start(_args(data, tmp_path / "two", overrides), 2, _pair(), tmp_path / "two")
+  single = _start(_args(data, tmp_path / "one", overrides), 4, [[]], tmp_path / "one")
+  try:
+    deadline = time.monotonic() + TIMEOUT
+    _wait(*pair, deadline)
+    _wait(*single, deadline)
+  finally:
+    _kill(pair[0] + single[0])
+  # Each resumes from step 2 of the other's checkpoints, at once.
+  to_one = _resume(tmp_path / "two", tmp_path / "two_to_one")
+  to_two = _resume(tmp_path / "one", tmp_path / "one_to_two")
+  resumed_one = _start(_args(data, to_one, overrides), 4, [[]], to_one)
+  resumed_two = _start(_args(data, to_two, overrides), 2, _pair(), to_two)
+  try:
+    deadline = time.monotonic() + TIMEOUT
+    texts = _wait(*resumed_one, deadline) + _wait(*resumed_two, deadline)
+  finally:
+    _kill(resumed_one[0] + resumed_two[0])
+  assert "was saved by 2 process(es), this run has 1" in texts[0], texts[0][-3000:]
+  assert "was saved by 1 process(es), this run has 2" in texts[1], texts[1][-3000:]
+  uninterrupted = _history(tmp_path / "one")
+  for workdir in (to_one, to_two):
+    history = _history(workdir)
+    assert sorted(history) == [1, 2, 3, 4], workdir
+    for step in (3, 4):
+      for key in ("loss", "loss/cross", "loss/intra", "grad_norm"):
+        np.testing.assert_allclose(
+          history[step][key], uninterrupted[step][key], rtol=1e-5, err_msg=f"{workdir} {step} {key}"
+        )

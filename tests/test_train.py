@@ -13,7 +13,14 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import SYNTHETIC_BUILDER, random_pairs, xla_flags
+from conftest import (
+  PRETRAIN_ARG,
+  PRETRAIN_OVERRIDES,
+  SYNTHETIC_BUILDER,
+  pretrain_config,
+  random_pairs,
+  xla_flags,
+)
 
 from configs import default, pretrain
 from data_prep import teacher_features
@@ -21,32 +28,10 @@ from data_prep.builders import data_source
 from reldistill_jax import config_checks, errors, losses, records, runtime, teachers, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-ARG = "loss=relational,teacher=synthetic,dataset=synthetic,runlocal"
-OVERRIDES = {
-  "mesh.data": 1,
-  "input.num_pairs": 256,
-  "model.patch_size": 128,
-  "num_steps": 4,
-  "log_every": 1,
-  "checkpoint.every": 2,
-}
-
-
-def _config(data, **extra):
-  config = pretrain.get_config(ARG)
-  config.input.buckets = str(data["buckets"])
-  config.input.features = str(data["features"])
-  for key, value in {**OVERRIDES, **extra}.items():
-    node = config
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return config
 
 
 def test_training_runs_and_writes_its_outputs(small_training_data, tmp_path):
-  out = train.train_and_evaluate(_config(small_training_data), tmp_path)
+  out = train.train_and_evaluate(pretrain_config(small_training_data), tmp_path)
   assert json.loads((tmp_path / "config.json").read_text())["loss"]["name"] == "relational"
   m = out["measurements"]
   for key in ("loss", "loss/cross", "loss/intra", "grad_norm", "param_norm", "update_norm"):
@@ -61,9 +46,11 @@ def test_training_runs_and_writes_its_outputs(small_training_data, tmp_path):
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
   # A restart with another loss is refused before any step, naming the field.
   with pytest.raises(errors.ConfigError, match=r"loss.name: 'relational' -> 'contrastive'"):
-    train.train_and_evaluate(_config(small_training_data, **{"loss.name": "contrastive"}), tmp_path)
+    train.train_and_evaluate(
+      pretrain_config(small_training_data, **{"loss.name": "contrastive"}), tmp_path
+    )
   # A finished run restarted for nothing keeps its last measurements.
-  again = train.train_and_evaluate(_config(small_training_data), tmp_path)
+  again = train.train_and_evaluate(pretrain_config(small_training_data), tmp_path)
   assert again["measurements"]["loss"] == m["loss"] and len(again["history"]) == 4
 
 
@@ -75,7 +62,7 @@ def test_eight_devices_give_the_one_device_loss(small_training_data, tmp_path):
   for devices in (1, 8):
     # Eight packs of one scan: one per device, or all eight on one.
     overrides = {"mesh.data": devices, "input.batch_size": 8, "input.pack_size": 1}
-    config = _config(small_training_data, num_steps=1, **overrides)
+    config = pretrain_config(small_training_data, num_steps=1, **overrides)
     losses[devices] = train.train_and_evaluate(config, tmp_path / str(devices))["measurements"]
   for key in ("loss", "loss/cross", "loss/intra", "grad_norm"):
     np.testing.assert_allclose(losses[8][key], losses[1][key], rtol=1e-5, err_msg=key)
@@ -83,7 +70,12 @@ def test_eight_devices_give_the_one_device_loss(small_training_data, tmp_path):
 
 def _main(config_args: list[str], workdir: pathlib.Path) -> subprocess.Popen:
   env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "reldistill_jax.main", f"--config=configs/pretrain.py:{ARG}"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "reldistill_jax.main",
+    f"--config=configs/pretrain.py:{PRETRAIN_ARG}",
+  ]
   cmd += config_args + [f"--workdir={workdir}"]
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -92,11 +84,11 @@ def test_resume_from_an_earlier_checkpoint_is_exact(small_training_data, tmp_pat
   """A run whose newest checkpoint is gone (killed after step 2's save) resumes from step 2:
   the same parameters, bit for bit, as an uninterrupted run (the restored optimizer and
   iterator states included). The slow twin below kills a real process."""
-  full = train.train_and_evaluate(_config(small_training_data), tmp_path / "full")
-  train.train_and_evaluate(_config(small_training_data), tmp_path / "cut")
+  full = train.train_and_evaluate(pretrain_config(small_training_data), tmp_path / "full")
+  train.train_and_evaluate(pretrain_config(small_training_data), tmp_path / "cut")
   shutil.rmtree(tmp_path / "cut" / "checkpoints" / "4")
   with caplog.at_level(logging.INFO):
-    resumed = train.train_and_evaluate(_config(small_training_data), tmp_path / "cut")
+    resumed = train.train_and_evaluate(pretrain_config(small_training_data), tmp_path / "cut")
   assert "pretrain: steps 2 to 4 on 1 device(s)" in caplog.text  # restored, not restarted
   assert [r["step"] for r in resumed["history"] if "loss" in r] == [1, 2, 3, 4]
   a, b = full["state"]["params"], resumed["state"]["params"]
@@ -109,7 +101,7 @@ def test_resume_from_an_earlier_checkpoint_is_exact(small_training_data, tmp_pat
 def test_resume_after_sigkill_is_exact(small_training_data, tmp_path):
   args = [f"--config.input.buckets={small_training_data['buckets']}"]
   args += [f"--config.input.features={small_training_data['features']}"]
-  args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  args += [f"--config.{k}={v}" for k, v in PRETRAIN_OVERRIDES.items()]
   # The uninterrupted run and the one to kill are independent: they run at once.
   full = _main(args, tmp_path / "full")
   killed = _main(args, tmp_path / "killed")
@@ -144,7 +136,7 @@ def test_config_errors_name_the_field():
 def test_relational_options_reach_the_loss(diagonal, distance):
   """config.loss.diagonal and config.loss.distance reach the loss of `train.make_loss`."""
   k, q, m = random_pairs(40, 8, seed=1)
-  config = pretrain.get_config(ARG)
+  config = pretrain.get_config(PRETRAIN_ARG)
   assert (config.loss.diagonal, config.loss.distance) == (True, "l1")  # the paper's loss
   config.loss.diagonal, config.loss.distance = diagonal, distance
   out = train.make_loss(config, None)(k, q, m)
@@ -164,7 +156,7 @@ def test_bad_relational_distance_is_refused_in_one_line():
     "config.pretrain.loss.distance='l3' must be one of l1, squared "
     "(set --config.pretrain.loss.distance=...)"
   )
-  config = pretrain.get_config(ARG)
+  config = pretrain.get_config(PRETRAIN_ARG)
   config.loss.distance = "L1"
   with pytest.raises(errors.ConfigError, match=r"^config.loss.distance='L1' must be one of l1, sq"):
     config_checks.validate(config, required=False)
@@ -172,12 +164,12 @@ def test_bad_relational_distance_is_refused_in_one_line():
 
 def test_bad_inputs_fail_before_training(small_training_data, pipeline, tmp_path):
   # A feature store written by another teacher.
-  config = _config(small_training_data)
+  config = pretrain_config(small_training_data)
   config.teacher = "clip_vitb16"
   with pytest.raises(records.ConfigMismatchError, match="teacher"):
     train.train_and_evaluate(config, tmp_path / "a")
   # A feature store of the same teacher under another dense rule.
-  config = _config(small_training_data)
+  config = pretrain_config(small_training_data)
   config.dense = "naclip"
   with pytest.raises(
     records.ConfigMismatchError, match="dense: stored 'class_prototypes', wanted 'naclip'"
@@ -187,7 +179,7 @@ def test_bad_inputs_fail_before_training(small_training_data, pipeline, tmp_path
   teacher = teachers.load("synthetic", pipeline["world"])
   source = data_source(pipeline["tfds"], SYNTHETIC_BUILDER, "val")
   teacher_features.write_store(teacher, source, str(tmp_path / "val"), SYNTHETIC_BUILDER, "val")
-  config = _config(small_training_data)
+  config = pretrain_config(small_training_data)
   config.input.features = str(tmp_path / "val")
   with pytest.raises(ValueError, match="holds split 'train' but the feature store"):
     train.train_and_evaluate(config, tmp_path / "b")
@@ -205,7 +197,7 @@ def test_sigterm_saves_and_exits_143(small_training_data, tmp_path):
   args += [f"--config.input.features={small_training_data['features']}"]
   args += [
     f"--config.{k}={v}"
-    for k, v in {**OVERRIDES, "num_steps": 1000, "checkpoint.every": 1000}.items()
+    for k, v in {**PRETRAIN_OVERRIDES, "num_steps": 1000, "checkpoint.every": 1000}.items()
   ]
   proc = _main(args, tmp_path)
   deadline = time.time() + 300

@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from data_prep.synthetic import lidar, writer
+from reldistill_jax import cli, errors
 
 _DESCRIPTION = """\
 Writes a procedural street world as a nuScenes-format dataroot in DIR:
@@ -76,6 +77,7 @@ def main(argv=None) -> int:
     parser.error(str(e))
 
   start = time.perf_counter()
+  cli.catch_sigterm()
   try:
     stats = writer.generate(
       args.out, args.scenes, args.samples_per_scene, args.seed, args.version, args.workers,
@@ -84,6 +86,12 @@ def main(argv=None) -> int:
   except FileExistsError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except (OSError, KeyboardInterrupt, errors.Terminated) as e:
+    found = cli.exit_status(e)
+    if found is None:
+      raise
+    print(f"error: {errors.one_line(found[0])}", file=sys.stderr)
+    return found[1]
   if stats is None:
     print(f"{args.out} already holds this synthetic world (identical meta.json); nothing to do")
     return 0

@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_prep.synthetic import lidar, render, tables, world
-from reldistill_jax import errors
+from reldistill_jax import cli, errors
 from reldistill_jax.classes import NUSCENES_CAMERAS
 
 FORMAT_VERSION = 1
@@ -331,8 +331,12 @@ def _run_jobs(jobs: list, root: str, workers: int) -> list[dict]:
     # Spawned, not forked: callers (tests, the training entry point) may have
     # started JAX's threads, and forking a multithreaded process can deadlock.
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with cli.signals_deferred():  # the workers start (at the first submit) whole
+      pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=cli.worker_started
+      )
       futures = {pool.submit(render_sample, job, root): i for i, job in enumerate(jobs)}
+    with pool:
       try:
         for future in concurrent.futures.as_completed(futures):
           results[futures[future]] = future.result()

@@ -1,0 +1,278 @@
+"""What a cluster does to a run: a second process on its workdir, a full disk, SIGTERM in
+every data stage. Each case checks the exit status, the one line and what is kept."""
+
+import json
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from conftest import PRETRAIN_ARG, PRETRAIN_OVERRIDES, SYNTHETIC_BUILDER, xla_flags
+
+from reldistill_jax import checkpoint_health, errors, workdir_lock
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu")
+
+
+def _pretrain_args(data, workdir, **overrides) -> list[str]:
+  args = [
+    sys.executable,
+    "-m",
+    "reldistill_jax.main",
+    f"--config=configs/pretrain.py:{PRETRAIN_ARG}",
+  ]
+  args += [f"--config.input.{k}={data[k]}" for k in ("buckets", "features")]
+  args += [f"--config.{k}={v}" for k, v in {**PRETRAIN_OVERRIDES, **overrides}.items()]
+  return [*args, f"--workdir={workdir}"]
+
+
+def _wait_for_line(proc: subprocess.Popen, text: bytes, timeout: float = 300) -> None:
+  deadline = time.time() + timeout
+  for line in proc.stderr:  # absl logs to stderr
+    if text in line or time.time() > deadline:
+      return
+  raise AssertionError(f"the process ended before logging {text!r}")
+
+
+def _only_line(stderr: str) -> str:
+  assert "Traceback" not in stderr, stderr[-3000:]
+  lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+  assert len(lines) == 1 and stderr.rstrip().endswith(lines[0]), stderr[-3000:]
+  return lines[0]
+
+
+# ----------------------------------------------------------------------------
+# The workdir lock.
+# ----------------------------------------------------------------------------
+
+
+def test_a_second_run_on_a_workdir_is_refused_and_the_first_goes_on(small_training_data, tmp_path):
+  workdir = tmp_path / "run"
+  long = {"num_steps": 1000, "checkpoint.every": 1000}
+  first = subprocess.Popen(
+    _pretrain_args(small_training_data, workdir, **long), cwd=REPO, env=ENV,
+    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+  )  # fmt: skip
+  _wait_for_line(first, b"step 1/1000")
+  holder = json.loads((workdir / workdir_lock.LOCK_FILE).read_text())
+  assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+  second = subprocess.run(
+    _pretrain_args(small_training_data, workdir, **long), cwd=REPO, env=ENV,
+    capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert second.returncode == errors.WorkdirLocked.exit_status == 2, second.stderr[-3000:]
+  line = _only_line(second.stderr)
+  assert line.startswith(
+    f"error: {workdir} is in use by pid {first.pid} on host {socket.gethostname()}, started "
+    f"{holder['started']} ({workdir / workdir_lock.LOCK_FILE}); wait for that run to end"
+  ), line
+  # The first run never noticed: it stops on SIGTERM as any run, and leaves the lock behind.
+  first.send_signal(signal.SIGTERM)
+  first.communicate(timeout=300)
+  assert first.returncode == 143
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()
+  steps = [
+    json.loads(line)["step"] for line in (workdir / "history.jsonl").read_text().splitlines()
+  ]
+  assert steps == sorted(set(steps)), steps  # every step once, in order
+  assert not list((workdir / "checkpoints").glob("*tmp*"))
+
+
+def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over(tmp_path, caplog):
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  lock = tmp_path / workdir_lock.LOCK_FILE
+  lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "then"}))
+  with caplog.at_level(logging.WARNING), workdir_lock.hold(tmp_path):
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+  assert f"taking over the lock of pid {dead.pid} on host {socket.gethostname()}" in caplog.text
+  assert not lock.exists()
+
+
+def test_a_lock_from_another_host_is_refused(tmp_path):
+  lock = tmp_path / workdir_lock.LOCK_FILE
+  lock.write_text(json.dumps({"host": "node-7", "pid": 4242, "started": "2026-12-07T10:00:00"}))
+  with pytest.raises(errors.WorkdirLocked, match=r"in use by pid 4242 on host node-7, started"):
+    with workdir_lock.hold(tmp_path):
+      pass
+  assert json.loads(lock.read_text())["host"] == "node-7"  # untouched
+
+
+def test_a_new_workdir_is_locked_once_created_and_processes_after_the_first_take_none(tmp_path):
+  workdir = tmp_path / "new"
+  with workdir_lock.hold(workdir):
+    assert not workdir.exists()  # nothing made before the inputs are checked
+    workdir.mkdir()
+    workdir_lock.take(workdir)
+    assert json.loads((workdir / workdir_lock.LOCK_FILE).read_text())["pid"] == os.getpid()
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()
+  with workdir_lock.hold(workdir, take=False):
+    workdir_lock.take(workdir)
+    assert not (workdir / workdir_lock.LOCK_FILE).exists()
+
+
+# ----------------------------------------------------------------------------
+# A full disk.
+# ----------------------------------------------------------------------------
+
+# Run in a private mount namespace on a small tmpfs: the run starts, its first checkpoint
+# completes, then the disk is filled to 64 KiB of free space.
+_FULL_DISK = textwrap.dedent(
+  """
+  import json, os, pathlib, shutil, subprocess, sys, time
+  mount, out, args = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3:]
+  subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)], check=True)
+  proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  first = mount / "run" / "checkpoints" / "2" / "file_sizes.json"
+  while not first.exists() and proc.poll() is None:
+    time.sleep(0.02)
+  stat = os.statvfs(mount)
+  with open(mount / "filler", "wb") as f:
+    f.write(b"\\0" * (stat.f_bavail * stat.f_frsize - 64 * 1024))
+  _, err = proc.communicate(timeout=300)
+  shutil.copytree(mount / "run", out / "run")
+  (out / "result.json").write_text(json.dumps({"status": proc.returncode, "stderr": err}))
+  """
+)
+
+
+def _namespaces_work() -> bool:
+  if shutil.which("unshare") is None:
+    return False
+  probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+  return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _namespaces_work(), reason="needs `unshare -rm` to mount a small tmpfs")
+def test_a_full_disk_is_one_line_with_its_own_status(small_training_data, tmp_path):
+  mount = tmp_path / "mount"
+  mount.mkdir()
+  args = _pretrain_args(small_training_data, mount / "run", num_steps=400, log_every=400)
+  script = tmp_path / "full_disk.py"
+  script.write_text(_FULL_DISK)
+  subprocess.run(
+    ["unshare", "-rm", sys.executable, str(script), str(mount), str(tmp_path), *args],
+    cwd=REPO, env=ENV, check=True, timeout=400,
+  )  # fmt: skip
+  result = json.loads((tmp_path / "result.json").read_text())
+  assert result["status"] == errors.StorageError.exit_status == 4, result["stderr"][-3000:]
+  line = _only_line(result["stderr"])
+  assert line.startswith(f"error: {mount / 'run' / 'checkpoints'}"), line
+  assert "no space left on device" in line and "run the same command again" in line, line
+  assert "ERROR" not in result["stderr"]  # orbax's own error lines go to run.log, space allowing
+  # What looks complete is complete: every finished step passes its checks.
+  checkpoints = tmp_path / "run" / "checkpoints"
+  finished = [p for p in checkpoints.iterdir() if p.name.isdigit()]
+  assert finished and all(checkpoint_health.fault(p) is None for p in finished)
+
+
+# ----------------------------------------------------------------------------
+# SIGTERM in every data stage.
+# ----------------------------------------------------------------------------
+
+
+def _stages(pipeline, out: pathlib.Path) -> dict[str, tuple[list[str], callable]]:
+  """stage -> (its command, when to signal it): each writes under `out`. The world
+  generation is also stopped by SIGINT (Ctrl-C), with its workers, which ignore it."""
+  tfds, world = str(pipeline["tfds"]), str(pipeline["world"])
+  partial = lambda pattern: lambda: any(out.rglob(pattern))
+  return {
+    "world": (
+      ["-m", "data_prep.synthetic", f"--out={out / 'world'}", "--scenes=4", "--workers=1"],
+      partial(".world.partial-*/samples/LIDAR_TOP/*"),
+    ),
+    "world, Ctrl-C": (
+      ["-m", "data_prep.synthetic", f"--out={out / 'world_int'}", "--scenes=4", "--workers=2"],
+      partial(".world_int.partial-*/samples/LIDAR_TOP/*"),
+    ),
+    "build": (
+      [
+        "-m",
+        "data_prep.build",
+        "nuscenes_lidarseg",
+        f"--manual_dir={world}",
+        f"--data_dir={out / 'tfds'}",
+      ],
+      partial("incomplete.*"),
+    ),  # fmt: skip
+    "voxelise": (
+      [
+        "-m",
+        "data_prep.voxelise",
+        f"--data_dir={tfds}",
+        f"--builder={SYNTHETIC_BUILDER}",
+        "--split=train",
+        f"--out={out / 'buckets'}",
+        "--voxel_size=0.05",
+        "--workers=2",
+        "--records_per_shard=1",
+      ],
+      partial("buckets/manifest.json"),
+    ),  # fmt: skip
+    "features": (
+      [
+        "-m",
+        "data_prep.teacher_features",
+        "--teacher=synthetic",
+        f"--weights={world}",
+        f"--data_dir={tfds}",
+        f"--builder={SYNTHETIC_BUILDER}",
+        "--split=train",
+        f"--out={out / 'features'}",
+        "--records_per_shard=1",
+        "--batch_size=1",
+      ],
+      partial("features/manifest.json"),
+    ),  # fmt: skip
+  }
+
+
+TERMINATED = (
+  "error: stopped by SIGTERM; partial output removed: run the same command again to go on"
+)
+INTERRUPTED = (
+  "error: interrupted; partial output removed, the last periodic checkpoint (if any) kept"
+)
+
+
+def test_sigterm_in_every_data_stage_is_one_line_and_leaves_no_partial_output(pipeline, tmp_path):
+  stages = _stages(pipeline, tmp_path)
+  procs = {
+    name: subprocess.Popen(
+      [sys.executable, *command],
+      cwd=REPO,
+      env=ENV,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+    )  # fmt: skip
+    for name, (command, _) in stages.items()
+  }
+  signalled, deadline = set(), time.time() + 300
+  while len(signalled) < len(procs) and time.time() < deadline:
+    for name, (_, ready) in stages.items():
+      if name not in signalled and (ready() or procs[name].poll() is not None):
+        procs[name].send_signal(signal.SIGINT if "Ctrl-C" in name else signal.SIGTERM)
+        signalled.add(name)
+    time.sleep(0.02)
+  for name, proc in procs.items():
+    _, err = proc.communicate(timeout=300)
+    status, line = (130, INTERRUPTED) if "Ctrl-C" in name else (143, TERMINATED)
+    assert proc.returncode == status, f"{name}: {proc.returncode}\n{err[-3000:]}"
+    assert _only_line(err) == line, name
+  # Nothing partial stays: no world being written, no TFDS build folder, no temporary file.
+  assert not list(tmp_path.rglob(".world*.partial-*"))
+  assert not (tmp_path / "world").exists() and not (tmp_path / "world_int").exists()
+  assert not list(tmp_path.rglob("incomplete.*"))
+  assert not list(tmp_path.rglob("*.tmp"))
+  for store in ("buckets", "features"):  # resumable: what is written is checked and kept
+    manifest = json.loads((tmp_path / store / "manifest.json").read_text())
+    assert not manifest["complete"], store
