@@ -25,7 +25,10 @@ Per run it writes the curve (step, val mIoU), whether it converged
 final per-class IoU, the median s/step (compilation apart: `runtime.run_loop`)
 and the wall time. Per data it also writes the
 teacher's ceiling (its zero-shot mIoU at the paired points of the validation
-scans, `evaluate.structural_gap`'s `zeroshot_teacher`). Prints a table.
+scans, `evaluate.structural_gap`'s `zeroshot_teacher`). An existing `--out` keeps
+the results of other settings (a setting measured again replaces its own), each with its
+machine, date and command, so the measurements of several sessions gather in one file.
+Prints a table.
 """
 
 import datetime
@@ -46,6 +49,7 @@ from reldistill_jax import (  # noqa: E402
   curves,
   evaluation_runs,
   feature_store,
+  files,
   finetune,
   hardware,
   input_pipeline,
@@ -191,14 +195,18 @@ def main(argv):
     measure(workdir, text, _FRACTIONS.value, _EPOCHS.value, _EVAL_EVERY.value, _SCENES.value)
     for text in _SETTINGS.value
   ]
+  for r in results:
+    r["machine"] = hardware.machine()
+    r["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    r["command"] = " ".join(["benchmarks/regime.py", *sys.argv[1:]])
+  path = pathlib.Path(out)
+  earlier = json.loads(path.read_text())["results"] if path.is_file() else []
+  kept = [r for r in earlier if r["name"] not in {n["name"] for n in results}]
   report = {
     "benchmark": "the study's regime: its student from scratch, mIoU against steps",
-    "machine": hardware.machine(),
-    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    "command": " ".join(["benchmarks/regime.py", *sys.argv[1:]]),
-    "results": results,
+    "results": kept + results,
   }
-  pathlib.Path(out).write_text(json.dumps(report, indent=2))
+  files.atomic_write(path, json.dumps(report, indent=2))
   print("| setting | ceiling | fraction | steps | s/step | final mIoU | converged |")
   print("|---|---|---|---|---|---|---|")
   for r in results:

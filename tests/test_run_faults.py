@@ -183,14 +183,23 @@ def _stages(pipeline, out: pathlib.Path) -> dict[str, tuple[list[str], callable]
   """stage -> (its command, when to signal it): each writes under `out`. The world
   generation is also stopped by SIGINT (Ctrl-C), with its workers, which ignore it."""
   tfds, world = str(pipeline["tfds"]), str(pipeline["world"])
-  partial = lambda pattern: lambda: any(out.rglob(pattern))
+
+  def partial(pattern: str):
+    def ready() -> bool:
+      try:
+        return any(out.rglob(pattern))
+      except OSError:  # a folder renamed or removed while it was listed
+        return False
+
+    return ready
+
   return {
     "world": (
-      ["-m", "data_prep.synthetic", f"--out={out / 'world'}", "--scenes=4", "--workers=1"],
+      ["-m", "data_prep.synthetic", f"--out={out / 'world'}", "--scenes=8", "--workers=1"],
       partial(".world.partial-*/samples/LIDAR_TOP/*"),
     ),
     "world, Ctrl-C": (
-      ["-m", "data_prep.synthetic", f"--out={out / 'world_int'}", "--scenes=4", "--workers=2"],
+      ["-m", "data_prep.synthetic", f"--out={out / 'world_int'}", "--scenes=8", "--workers=2"],
       partial(".world_int.partial-*/samples/LIDAR_TOP/*"),
     ),
     "build": (
