@@ -3,6 +3,7 @@
   encoder_forward_flops  matmul FLOPs of one encoder forward over given token
                          counts (a scan's voxels, or a pack's budgets)
   minkunet_forward_flops the same for the MinkUNet
+  waffleiron_forward_flops the same for WaffleIron (its grids counted whole)
   relational_flops       the blocked relational loss's value and gradient
   analytic_flops         a step's useful (`model`) and executed FLOPs over batches
   padded_pairs           the pair rows the relational kernel runs over
@@ -16,7 +17,7 @@ import math
 import statistics
 
 from reldistill_jax import sharded_losses
-from reldistill_jax.models import minkunet, point_encoder
+from reldistill_jax.models import minkunet, point_encoder, waffleiron
 
 # Dense (no sparsity) bf16 tensor-core peak FLOP/s per device, by device_kind
 # substring, first match wins.
@@ -98,6 +99,20 @@ def minkunet_forward_flops(
   return {"conv": total, "linear": 0.0, "attention": 0.0, "total": total}
 
 
+def waffleiron_forward_flops(variant: str, tokens: int, slots: int, out_dim: int) -> dict:
+  """FLOPs (2 per multiply-add) of one WaffleIron forward over `tokens` points and `slots`
+  scans' grids. Points: the model's `token_costs` (embedding with its k-neighbour branch,
+  2 F^2 per layer's channel mix, the head). Grids: every layer's two depthwise 3x3 convolutions
+  and its depthwise 1x1 layer scale, 19 F per cell, over the whole grid of its plane (they
+  run there, occupied or not), once per scan slot."""
+  model = waffleiron.Model(variant=variant, out_dim=out_dim)
+  depth, width, _, grids = model.sizes()
+  cells = sum(math.prod(grids[layer % len(grids)]) for layer in range(depth))
+  points = 2.0 * model.token_costs(5)[0] * tokens  # 5 inputs: intensity, x, y, z, radius
+  grid = 2.0 * 19 * width * cells * slots
+  return {"points": points, "grids": grid, "total": points + grid}
+
+
 def relational_flops(n: int, d: int) -> float:
   """Value and gradient of the blocked relational loss over n pairs: 5 n x n x d products."""
   return 10.0 * n * n * d
@@ -117,6 +132,9 @@ def analytic_flops(config, settings, host_batches, scan_counts, budgets, devices
   if settings["model"] == "minkunet":
     useful_of = lambda c: minkunet_forward_flops(variant, c, out_dim=out_dim, executed=False)
     per_pack = minkunet_forward_flops(variant, list(budgets.tokens), out_dim=out_dim, executed=True)
+  elif settings["model"] == "waffleiron":
+    useful_of = lambda c: waffleiron_forward_flops(variant, c[0], 1, out_dim)
+    per_pack = waffleiron_forward_flops(variant, budgets.tokens[0], budgets.scans, out_dim)
   else:
     enc = {"patch_size": config.model.patch_size, "out_dim": out_dim}
     useful_of = lambda c: encoder_forward_flops(variant, c, **enc)
@@ -124,7 +142,7 @@ def analytic_flops(config, settings, host_batches, scan_counts, budgets, devices
   packs = len(host_batches[0]["token"])
   useful = []
   for counts in scan_counts:
-    flops = [useful_of(list(c)) for c in counts]
+    flops = [useful_of([int(n) for n in c]) for c in counts]  # Python ints: no int32 overflow
     useful.append({k: sum(f[k] for f in flops) for k in flops[0]})
   model_fwd = {k: statistics.fmean(b[k] for b in useful) for k in useful[0]}
   executed_fwd = {k: v * packs for k, v in per_pack.items()}

@@ -14,8 +14,8 @@
 # step under its own time limit so that one hung step cannot take the others' time:
 #   losses.json          benchmarks/losses.py: the relational loss, naive, blocked (xla) and Pallas,
 #                        N = 32,768 and 131,072, bf16, forward + backward, peak memory;
-#   train_step.json      benchmarks/train_step.py: the `ptv3_base` and `minkunet34c` steps at batch 16,
-#                        packed, scans/s, peak memory, MFU;
+#   train_step.json      benchmarks/train_step.py: the `ptv3_base`, `minkunet34c` and
+#                        `waffleiron48_768` steps at batch 16, packed, scans/s, peak memory, MFU;
 #   input_pipeline.json  benchmarks/input_pipeline.py: scans/s per thread count (1 to the cores), on
 #                        a synthetic world at 0.1 m, compared with the step's scans/s;
 #   teacher.json         benchmarks/teacher.py: CLIP ViT-B/16's images/s (dense features, bf16);
@@ -103,7 +103,7 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())" >>"$log" 2
 
 if [[ $smoke -eq 1 ]]; then
   step losses 120 python3 benchmarks/losses.py --smoke --out "$out/losses.json"
-  step train_step 240 python3 benchmarks/train_step.py --smoke --model point_encoder,minkunet \
+  step train_step 300 python3 benchmarks/train_step.py --smoke --model point_encoder,minkunet,waffleiron \
     --noencoder --out "$out/train_step.json"
   step input_pipeline 180 python3 benchmarks/input_pipeline.py --smoke --threads 1,2 \
     --train_step_json "$out/train_step.json" --out "$out/input_pipeline.json"
@@ -114,7 +114,7 @@ else
   for t in 8 16 32; do ((t <= cores)) && threads+=",$t"; done
   step losses 150 python3 benchmarks/losses.py --n 32768,131072 --dtypes bfloat16 \
     --methods naive,xla,pallas --repeats 5 --out "$out/losses.json"
-  step train_step 180 python3 benchmarks/train_step.py --model ptv3_base,minkunet34c \
+  step train_step 240 python3 benchmarks/train_step.py --model ptv3_base,minkunet34c,waffleiron48_768 \
     --batch_size 16 --steps 10 --out "$out/train_step.json"
   step input_pipeline 150 python3 benchmarks/input_pipeline.py --threads "$threads" \
     --scenes 4 --samples_per_scene 8 --batches 4 --train_step_json "$out/train_step.json" \

@@ -13,6 +13,7 @@ import numpy as np
 
 from benchmarks import scans
 from reldistill_jax import feature_store, input_pipeline, packing, records, runtime, serialization
+from reldistill_jax.models import waffleiron_inputs
 
 
 class _RandomTeacher:
@@ -57,6 +58,8 @@ def _source(config, settings: dict, buckets, features):
   made = []
   for i in range(num):
     bucket = scans.synthetic_bucket(rng, i, settings["voxel_size"], stages, settings["num_curves"])
+    if settings["knn"]:  # as `data_prep.voxelise --knn` stores it
+      bucket["knn"] = waffleiron_inputs.knn_indices(bucket["features"][:, :3], settings["knn"])
     maps = rng.standard_normal(shape, np.float32) / np.sqrt(shape[-1])
     bucket["teacher"] = maps.astype(np.float16)
     made.append(bucket)

@@ -13,7 +13,8 @@ over every pair of the batch, in `shard_map` row blocks), jitted on the mesh of
 `--config` (default `loss=relational,teacher=clip_vitb16,dataset=nuscenes`: the
 `base` attention encoder, batch 16 in packs of 4, bfloat16, patch 1,024, 4,096
 pair slots per scan, a 512-d teacher; `--model minkunet` takes
-`model=minkunet34c` and its recipe), then the flags below override fields.
+`model=minkunet34c` and its recipe, `--model waffleiron` ScaLR's `model=waffleiron48_768`
+with the kNN map its embedding reads), then the flags below override fields.
 
 Input, batched exactly as training batches it (`input_pipeline.packs`: the
 pack plan of `packing.PackPlan`, `input_pipeline.Transform` with augmentation
@@ -109,7 +110,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from benchmarks import flops as flop_counts  # noqa: E402
 from benchmarks import step_batches  # noqa: E402
-from configs import pretrain  # noqa: E402
+from configs import common, pretrain  # noqa: E402
 from reldistill_jax import (  # noqa: E402
   cli,
   files,
@@ -205,7 +206,8 @@ def _settings(model: str | None, layout: str, capacity: int | None) -> tuple:
   smoke = _SMOKE.value
   arg = _CONFIG.value
   if model:
-    model = {"point_encoder": "ptv3_base", "minkunet": "minkunet34c"}.get(model, model)
+    model = {"point_encoder": "ptv3_base", "minkunet": "minkunet34c",
+             "waffleiron": "waffleiron48_768"}.get(model, model)  # fmt: skip
     arg = f"{arg},model={model}"
   config = pretrain.get_config(arg)
   with config.unlocked():
@@ -237,6 +239,7 @@ def _settings(model: str | None, layout: str, capacity: int | None) -> tuple:
     "patch_size": config.model.patch_size,
     "num_stages": runtime.make_model(config).num_stages(),
     "num_curves": config.model.num_curves,
+    "knn": common.KNN.get(config.model.name, 0),
     "dtype": config.model.dtype,
     "out_dim": config.model.out_dim,
     "teacher": config.teacher,

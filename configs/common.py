@@ -37,7 +37,13 @@ MODELS = {
   "minkunet34c": ("minkunet", "34c", "slidr"),
   "minkunet18a": ("minkunet", "18a", "slidr"),
   "minkunet14a": ("minkunet", "14a", "slidr"),
+  "waffleiron48_256": ("waffleiron", "48_256", "scalr"),
+  "waffleiron48_384": ("waffleiron", "48_384", "scalr"),
+  "waffleiron48_768": ("waffleiron", "48_768", "scalr"),
+  "waffleiron12_64": ("waffleiron", "12_64", "scalr"),  # CPU runs on the synthetic world
 }
+# The k of the kNN map a student reads from its buckets (data_prep.voxelise --knn).
+KNN = {"waffleiron": 16}
 # The `recipe=` argument: "scalr" (AdamW, the attention student's), "slidr" (SGD with
 # momentum 0.9 and dampening 0.1, BatchNorm momentum 0.05: SLidR's and ST-SLidR's MinkUNet).
 RECIPES = ("scalr", "slidr")
@@ -61,9 +67,9 @@ def model_and_recipe(args: dict) -> tuple[str, str, str]:
 def set_model(config: ml_collections.ConfigDict, args: dict, out_dim: int) -> str:
   """Sets `config.model` from the `model=` argument; returns the recipe.
 
-  `runlocal` shrinks the attention student to its `tiny` variant; a MinkUNet
-  keeps its variant (its convolutions are cheap at the coarse voxels of a CPU
-  run) and computes in float32 like every runlocal model.
+  `runlocal` shrinks the attention student to its `tiny` variant; a MinkUNet or
+  a WaffleIron keeps its variant (waffleiron12_64 is the CPU-sized one) and
+  computes in float32 like every runlocal model.
   """
   name, variant, recipe = model_and_recipe(args)
   config.model = ml_collections.ConfigDict()
@@ -76,4 +82,9 @@ def set_model(config: ml_collections.ConfigDict, args: dict, out_dim: int) -> st
   if name == "minkunet":
     # PyTorch's convention: the batch's weight in the running statistics.
     config.model.bn_momentum = 0.05 if recipe == "slidr" else 0.1
+  if name == "waffleiron":
+    # ScaLR's recipe normalises with LayerNorm (BatchNorm gave NaNs in half precision at width
+    # 768); SLidR's keeps WaffleIron's own BatchNorm.
+    config.model.norm = "layer" if recipe == "scalr" else "batch"
+    config.model.bn_momentum = 0.1
   return recipe

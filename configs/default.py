@@ -42,7 +42,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   # Coarser than the field's 0.1 m so a CPU trains in minutes (about 10k voxels a scan).
   config.data.voxel = ml_collections.ConfigDict(
-    {"voxel_size": 0.3, "num_stages": 5 if name == "minkunet" else 3, "records_per_shard": 16}
+    {
+      "voxel_size": 0.3,
+      "num_stages": 5 if name == "minkunet" else 3,
+      "records_per_shard": 16,
+      "knn": common.KNN.get(name, 0),  # WaffleIron's kNN map
+    }
   )
   config.data.workers = 2
   # Also the held-out training scenes (train_parametrize, train_verify), for settings

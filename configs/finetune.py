@@ -10,7 +10,8 @@ r"""Few-shot fine-tuning and linear probing of a pretrained student.
 Arguments: dataset=nuscenes|semantic_kitti|synthetic, fraction=1pct|100pct
 (which labelled training subset), mode=finetune|linear (linear: frozen
 encoder, only the head trains; PROTOCOLS.md section 5 probes on 100% of the
-labels), model=ptv3_base|ptv3_small|minkunet34c|minkunet18a|minkunet14a and
+labels), model=ptv3_base|ptv3_small|minkunet34c|minkunet18a|minkunet14a|
+waffleiron48_256|waffleiron48_384|waffleiron48_768|waffleiron12_64 and
 recipe=scalr|slidr (as `configs/pretrain.py`; slidr adds SGD dampening 0.1 and
 BatchNorm momentum 0.05), and `runlocal` (a small model and a few epochs:
 minutes on a CPU).
@@ -105,6 +106,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.clip_norm = 0.0  # 0: no clipping
   config.num_epochs = 100
   config.log_every = 20
+  config.head = "linear"
+  if config.model.name == "waffleiron" and recipe == "scalr":
+    # ScaLR's recipe (scalr_finetune): a BatchNorm + zero-initialised linear head, AdamW at
+    # 2e-3 without weight decay, layer-wise rate decay, warm-up then cosine, batch 8.
+    one = args["fraction"] == "1pct"
+    config.head = "batchnorm_zero"
+    config.optimizer = ml_collections.ConfigDict(
+      {"name": "adamw", "lr": 2e-3, "weight_decay": 0.0, "layer_decay": 0.95 if one else 0.99,
+       "warmup_epochs": 4 if one else 2, "clip_norm": 0.0}
+    )  # fmt: skip
+    config.num_epochs = 45 if one else 25
+    config.input.batch_size = 8
 
   # Evaluation on every point of the validation scans.
   config.eval = ml_collections.ConfigDict()

@@ -10,7 +10,8 @@ Arguments: loss=relational|contrastive|similarity, teacher= a named size of
 `reldistill_jax.teachers` (clip_vitb16, siglip2_b16, dinov2_vitb14,
 dinov3_vitb16, ...) or synthetic (sets the feature dimension), dense= the
 store's dense rule (default the teacher's: maskclip for CLIP and SigLIP 2;
-sclip, clearclip, naclip), dataset=nuscenes|synthetic, model=ptv3_base|ptv3_small|minkunet34c|minkunet18a|minkunet14a
+sclip, clearclip, naclip), dataset=nuscenes|synthetic, model=ptv3_base|ptv3_small|minkunet34c|minkunet18a|minkunet14a|
+waffleiron48_256|waffleiron48_384|waffleiron48_768|waffleiron12_64
 (the student, `configs/common.py`), recipe=scalr|slidr (default: the
 student's own: AdamW for ptv3, SLidR's SGD for MinkUNet), and `runlocal` (a
 small model and a few steps: minutes on a CPU).

@@ -3,7 +3,7 @@ r"""Voxelises a built dataset split into serialised buckets.
   python -m data_prep.voxelise --data_dir DATA --builder nuscenes_lidarseg/v1.0-mini \
       --split train --out OUT [--voxel_size 0.1] [--grid cartesian|cylindrical] \
       [--curves z,z-trans,hilbert,hilbert-trans] [--num_stages 5] \
-      [--records_per_shard 64] [--workers N]
+      [--records_per_shard 64] [--knn 16] [--workers N]
 
 Reads the TFDS ArrayRecord split DATA/<builder>/... written by `data_prep.build`
 (through `data_prep.builders.data_source`; of each record only `token`,
@@ -44,6 +44,7 @@ import tqdm
 from absl import app, flags, logging
 
 from reldistill_jax import cli, errors, records, serialization
+from reldistill_jax.models import waffleiron_inputs
 
 STORE_NAME = "buckets"
 
@@ -69,6 +70,9 @@ def define_flags() -> None:
   )
   flags.DEFINE_integer("num_stages", 5, "Encoder stages (pooling levels + 1).")
   flags.DEFINE_integer("records_per_shard", 64, "Scans per output shard.")
+  flags.DEFINE_integer(
+    "knn", 0, "Also store each voxel's k nearest voxels (WaffleIron's embedding: 16; 0: none)."
+  )
   flags.DEFINE_integer("workers", 0, "Worker processes (0: one per CPU core).")
   flags.DEFINE_bool("verify", False, "Only check the store at --out against its manifest.")
 
@@ -84,12 +88,17 @@ def bucket_config(
   curves: Sequence[str] = serialization.CURVES,
   num_stages: int = 5,
   records_per_shard: int = 64,
+  knn: int = 0,
 ) -> dict[str, Any]:
   """The store config: everything that defines the buckets' content and layout.
 
   `voxel_size` is stored as the three sizes of the grid in use (x, y, z or
-  rho, phi, z).
+  rho, phi, z). `knn` > 0 adds every bucket's `knn` key, the k nearest kept
+  points of every voxel's kept point (WaffleIron's embedding); the key enters
+  the config only then, so stores written without it keep their config.
   """
+  if knn < 0:
+    raise ValueError(f"knn must be >= 0, got {knn}")
   if grid not in serialization.GRIDS:
     raise ValueError(f"unknown grid {grid!r}; expected one of {serialization.GRIDS}")
   sizes = (
@@ -110,7 +119,7 @@ def bucket_config(
     "curves": list(curves),
     "num_stages": int(num_stages),
     "records_per_shard": int(records_per_shard),
-  }
+  } | ({"knn": int(knn)} if knn else {})
 
 
 def bucket_of_scan(scan: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
@@ -124,7 +133,8 @@ def bucket_of_scan(scan: Mapping[str, Any], config: Mapping[str, Any]) -> dict[s
     config: from `bucket_config`.
 
   Returns:
-    The bucket record (`serialization.build_bucket`) plus `has_labels` (bool)
+    The bucket record (`serialization.build_bucket`) plus `has_labels` (bool),
+    `knn` ((V_0, k) int32, `waffleiron_inputs.knn_indices`, when `config` asks)
     and `image_sizes` ((cameras, 2) int32 native (height, width), (0, 2)
     without cameras), which the input pipeline needs to place pairs on the
     teacher's feature grid.
@@ -147,6 +157,11 @@ def bucket_of_scan(scan: Mapping[str, Any], config: Mapping[str, Any]) -> dict[s
     pairs_camera=scan.get("pairs_camera"),
     pairs_uv=scan.get("pairs_uv"),
   )
+  if config.get("knn"):
+    try:
+      bucket["knn"] = waffleiron_inputs.knn_indices(bucket["features"][:, :3], config["knn"])
+    except ValueError as e:
+      raise errors.DataError(f"scan {token}: {e}") from None
   bucket["has_labels"] = bool(scan.get("has_labels", True))
   bucket["image_sizes"] = np.asarray(scan.get("image_sizes", np.zeros((0, 2))), np.int32).reshape(
     -1, 2
@@ -306,7 +321,7 @@ def main(argv: Sequence[str]) -> None:
     config_of = functools.partial(
       bucket_config, f.builder, f.split, voxel_size=f.voxel_size, grid=f.grid,
       cylindrical_voxel_size=[float(v) for v in f.cylindrical_voxel_size], curves=f.curves,
-      num_stages=f.num_stages, records_per_shard=f.records_per_shard,
+      num_stages=f.num_stages, records_per_shard=f.records_per_shard, knn=f.knn,
     )  # fmt: skip
     config_of(0)
   except ValueError as e:

@@ -100,7 +100,12 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   "optimizer.momentum": _float(0, 1, high_open=True),
   "optimizer.dampening": _float(0, 1, high_open=True),
   "model.bn_momentum": _float(0, 1, low_open=True),
+  "model.norm": _choice(("batch", "layer")),
+  "data.voxel.knn": NON_NEGATIVE,
   "optimizer.warmup_steps": NON_NEGATIVE,
+  "optimizer.warmup_epochs": NON_NEGATIVE,
+  "optimizer.layer_decay": _float(0, 1, low_open=True),
+  "head": _choice(("linear", "batchnorm_zero")),
   "optimizer.clip_norm": _float(0),
   "mode": _choice(MODES),
   "eval.batch_size": POSITIVE,
@@ -188,7 +193,9 @@ def _check_model(config: ml_collections.ConfigDict, prefix: str) -> None:
   except ModuleNotFoundError:
     module = None
   if module is None or not hasattr(module, "from_config"):
-    _fail(prefix, "model.name", name, "is not a student: choose point_encoder or minkunet")
+    _fail(
+      prefix, "model.name", name, "is not a student: choose point_encoder, minkunet or waffleiron"
+    )
   variants = getattr(module, "VARIANTS", None)
   if variants is not None and config.model.variant not in variants:
     _fail(prefix, "model.variant", config.model.variant, f"must be one of {', '.join(variants)}")

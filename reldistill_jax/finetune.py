@@ -45,6 +45,7 @@ from reldistill_jax import (
   records,
   report,
   runtime,
+  scalr_finetune,
   serialization,
 )
 
@@ -152,8 +153,15 @@ def segmentation_loss(
 
 
 def make_head(config: ml_collections.ConfigDict) -> nn.Module:
-  """The new linear head: Dense from the backbone channels to the C classes (float32)."""
+  """The new head: Dense from the backbone channels to the C classes (float32), or with
+  `config.head="batchnorm_zero"` ScaLR's BatchNorm and zero-initialised linear layer."""
+  if config.get("head", "linear") == "batchnorm_zero":
+    return scalr_finetune.BatchNormZeroHead(config.num_classes)
   return nn.Dense(config.num_classes, name="head")
+
+
+def _head_inputs(head: nn.Module, backbone: jax.Array, batch) -> Any:
+  return (backbone, batch["s0/mask"]) if getattr(head, "takes_mask", False) else backbone
 
 
 def init_params(encoder: nn.Module, head: nn.Module, example: dict, rng: jax.Array) -> dict:
@@ -161,7 +169,8 @@ def init_params(encoder: nn.Module, head: nn.Module, example: dict, rng: jax.Arr
   encoder_rng, head_rng = jax.random.split(rng)
   encoder_params = encoder.init(encoder_rng, example)
   backbone = jax.eval_shape(lambda p: encoder.apply(p, example)[1]["backbone"], encoder_params)
-  head_params = head.init(head_rng, jnp.zeros(backbone.shape, backbone.dtype))
+  zeros = jnp.zeros(backbone.shape, backbone.dtype)
+  head_params = head.init(head_rng, _head_inputs(head, zeros, example))
   return {"encoder": encoder_params, "head": head_params}
 
 
@@ -181,8 +190,10 @@ def logits_fn(
   """
   encoder_params = jax.lax.stop_gradient(params["encoder"]) if frozen else params["encoder"]
   (_, aux), encoder_params = runtime.encode(encoder, encoder_params, batch, train and not frozen)
-  logits = head.apply(params["head"], aux["backbone"])  # (B, T0, backbone) -> (B, T0, C)
-  return logits, {**params, "encoder": encoder_params}
+  # (B, T0, backbone) -> (B, T0, C); a head's BatchNorm trains in a linear probe too.
+  inputs = _head_inputs(head, aux["backbone"], batch)
+  logits, head_params = runtime.encode(head, params["head"], inputs, train)
+  return logits, {**params, "encoder": encoder_params, "head": head_params}
 
 
 def _labels(params: dict) -> dict:
@@ -190,8 +201,10 @@ def _labels(params: dict) -> dict:
   return {part: jax.tree.map(lambda _, part=part: part, tree) for part, tree in params.items()}
 
 
-def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
-  """SGD with momentum, weight decay and cosine decay, one learning rate per part.
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int, encoder: nn.Module):
+  """SGD with momentum, weight decay and cosine decay, one learning rate per part; or, with
+  `config.optimizer.name="adamw"` (a WaffleIron), ScaLR's AdamW with layer-wise decay
+  (`scalr_finetune`).
 
   Returns:
     (tx, schedules): the transform over {"encoder", "head"} parameters, and
@@ -199,6 +212,12 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
     probe, whose encoder updates are exactly zero).
   """
   opt = config.optimizer
+  if opt.get("name", "sgd") == "adamw":
+    depth, _, _, grids = encoder.sizes()
+    warmup = round(num_steps * opt.warmup_epochs / config.num_epochs)
+    return scalr_finetune.make_optimizer(
+      opt, num_steps, warmup, depth, len(grids), frozen=config.mode == "linear"
+    )
 
   def sgd(lr):
     schedule = optax.cosine_decay_schedule(lr, max(num_steps, 1))
@@ -354,7 +373,7 @@ def finetune_and_evaluate(
 
   # Model and optimizer, shape first, then initialised already replicated.
   encoder, head = runtime.make_model(config), make_head(config)
-  tx, schedules = make_optimizer(config, num_steps)
+  tx, schedules = make_optimizer(config, num_steps, encoder)
   example = input_pipeline.example_batch(buckets, config.input, config.model.patch_size)
 
   abstract, state_sharding, abstract_sharded, make_state = runtime.sharded_state(

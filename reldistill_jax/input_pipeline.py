@@ -36,7 +36,12 @@ scan, h x w the teacher grid, D its dimension):
   token             (B, S) str: sample tokens ("" for an empty slot).
   scan_start, scan_voxels  (B, S) int32: where each scan's stage-0 voxels start
                     in the pack and how many it has (0 for an empty slot).
-  The last three stay on the host (`HOST_KEYS`).
+  The last three stay on the host (`HOST_KEYS`). From a store voxelised with
+  `--knn k` (WaffleIron), also (`waffleiron_inputs.pack_inputs`):
+  knn               (B, T0, k) int32: token of each voxel's k nearest voxels of
+                    its scan, T0 for padding.
+  scan              (B, T0) int32: every token's scan slot, S for padding.
+  slots             (B, S) bool: the slot holds a scan.
 
 Pairs are sampled uniformly without replacement up to P per scan (all of them
 when a scan has fewer, the rest masked). Augmentations (yaw rotation, flips,
@@ -122,8 +127,9 @@ class Transform:
         example[key.replace("/coords", "/octant")] = serialization.octants(value)
     if self.num_pairs:
       example.update(self._pairs(record, rng))
-    if "teacher" in record:
-      example["teacher"] = record["teacher"]
+    for key in ("teacher", "knn"):
+      if key in record:
+        example[key] = record[key]
     return example
 
   def _pairs(self, record: Mapping[str, Any], rng: np.random.Generator | None) -> dict:

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from reldistill_jax import errors
+from reldistill_jax.models import waffleiron_inputs
 
 # The length of an endless stream (grain datasets need one that batching and slicing keep finite).
 ENDLESS = 2**48
@@ -315,6 +316,9 @@ def pack(examples: Sequence[Mapping[str, Any]], budgets: Budgets) -> dict[str, n
   for s in range(stages):
     out.update(_pack_stage(examples, budgets, starts, s))
   out.update(_pack_scans(examples, budgets, starts[:, 0]))
+  if "knn" in examples[0]:  # WaffleIron's keys
+    knns = [e["knn"] for e in examples]
+    out.update(waffleiron_inputs.pack_inputs(knns, budgets.tokens[0], budgets.scans))
   return out
 
 

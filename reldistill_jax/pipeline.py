@@ -113,7 +113,7 @@ def prepare_synthetic_data(
     vox = data.voxel
     bucket_config = voxelise.bucket_config(
       builder, split, len(source()), voxel_size=vox.voxel_size, num_stages=vox.num_stages,
-      records_per_shard=vox.records_per_shard,
+      records_per_shard=vox.records_per_shard, knn=vox.get("knn", 0),
     )  # fmt: skip
     voxelise.voxelise_split(
       source, str(paths[f"buckets/{split}"]), bucket_config, workers=data.workers

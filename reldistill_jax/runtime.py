@@ -187,7 +187,7 @@ def pack_budgets(
     name: what the packs are for, in the log line.
 
   Raises:
-    errors.DataError: the store has fewer stages than the model.
+    errors.DataError: the store has fewer stages than the model, or not its kNN map.
   """
   model = make_model(config)
   stages = model.num_stages()
@@ -195,6 +195,12 @@ def pack_budgets(
     raise errors.DataError(
       f"{buckets.path} holds {buckets.config['num_stages']} stages, the {config.model.variant} "
       f"{config.model.name} needs {stages}; voxelise with --num_stages {stages}"
+    )
+  knn = model.neighbours_needed() if hasattr(model, "neighbours_needed") else 0
+  if buckets.config.get("knn", 0) < knn:
+    raise errors.DataError(
+      f"{buckets.path} has no kNN map of {knn} neighbours, which the {config.model.name} "
+      f"reads; voxelise the split again with --knn {knn}"
     )
   sizes = buckets.sizes[:, :stages]
   budgets = packing.fit_budgets(

@@ -30,7 +30,8 @@ grid (the official pipeline crops the cloud to the field of view first,
 points it holds; empty cells are zero.
 
   VARIANTS        variant -> (depth, width, grid preset): "48_256" (SemanticKITTI),
-                  "48_384" (nuScenes), "48_768" (ScaLR), "tiny" (tests, CPU runs).
+                  "48_384" (nuScenes), "48_768" (ScaLR), "12_64" (CPU runs on the
+                  synthetic world), "tiny" (tests).
   GRIDS           preset -> (field of view, grid shapes); planes default (2, 1, 0).
   Model           the network: `Model(variant=...)`, `__call__(batch) -> (features, aux)`.
   Embedding, SpatialMix, ChannelMix, DepthwiseConv   its layers.
@@ -122,6 +123,7 @@ VARIANTS = {
   "48_256": (48, 256, "semantickitti"),
   "48_384": (48, 384, "nuscenes"),
   "48_768": (48, 768, "scalr"),
+  "12_64": (12, 64, "nuscenes"),  # CPU runs on the synthetic world
   "tiny": (3, 16, "tiny"),
 }
 INPUT_FEAT = ("intensity", "xyz", "radius")  # nuScenes and ScaLR (5 channels)
@@ -428,6 +430,10 @@ class Model(nn.Module):
   def num_stages(self) -> int:
     """The stages the model reads (stage 0 only)."""
     return 1
+
+  def neighbours_needed(self) -> int:
+    """The k of the kNN map the bucket store must hold (`data_prep.voxelise --knn`)."""
+    return NUM_NEIGHBORS
 
   def token_costs(self, in_channels: int = 5) -> list[float]:
     """Multiply-adds of a stage-0 token (the grids' cost is per pack), then 0 for its
