@@ -109,7 +109,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.head = "linear"
   if config.model.name == "waffleiron" and recipe == "scalr":
     # ScaLR's recipe (scalr_finetune): a BatchNorm + zero-initialised linear head, AdamW at
-    # 2e-3 without weight decay, layer-wise rate decay, warm-up then cosine, batch 8.
+    # 2e-3 without weight decay, layer-wise rate decay, warm-up then cosine, batch 8, and
+    # stochastic depth 0.2 (the step's dropout key: finetune.update_step).
     one = args["fraction"] == "1pct"
     config.head = "batchnorm_zero"
     config.optimizer = ml_collections.ConfigDict(
@@ -118,6 +119,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )  # fmt: skip
     config.num_epochs = 45 if one else 25
     config.input.batch_size = 8
+    config.model.drop_path = 0.2
 
   # Evaluation on every point of the validation scans.
   config.eval = ml_collections.ConfigDict()

@@ -101,6 +101,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   "optimizer.dampening": _float(0, 1, high_open=True),
   "model.bn_momentum": _float(0, 1, low_open=True),
   "model.norm": _choice(("batch", "layer")),
+  "model.drop_path": _float(0, 1, high_open=True),
   "data.voxel.knn": NON_NEGATIVE,
   "optimizer.warmup_steps": NON_NEGATIVE,
   "optimizer.warmup_epochs": NON_NEGATIVE,

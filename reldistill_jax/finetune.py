@@ -181,15 +181,19 @@ def logits_fn(
   batch,
   frozen: bool = False,
   train: bool = False,
+  rng: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
   """((B, T0, C) float32 class scores of a batch, the params after it).
 
   `frozen` stops gradients into the encoder and keeps its BatchNorm layers on
   their running statistics; `train` otherwise normalises them by the batch and
-  updates the statistics (`runtime.encode`), as SLidR fine-tunes.
+  updates the statistics (`runtime.encode`), as SLidR fine-tunes; `rng` drives the
+  encoder's stochastic layers then (WaffleIron's drop path).
   """
   encoder_params = jax.lax.stop_gradient(params["encoder"]) if frozen else params["encoder"]
-  (_, aux), encoder_params = runtime.encode(encoder, encoder_params, batch, train and not frozen)
+  (_, aux), encoder_params = runtime.encode(
+    encoder, encoder_params, batch, train and not frozen, rng
+  )
   # (B, T0, backbone) -> (B, T0, C); a head's BatchNorm trains in a linear probe too.
   inputs = _head_inputs(head, aux["backbone"], batch)
   logits, head_params = runtime.encode(head, params["head"], inputs, train)
@@ -235,13 +239,15 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int, encoder: n
   return tx, {"head": head_schedule, "encoder": encoder_schedule}
 
 
-def update_step(state, batch, *, encoder, head, tx, schedules, frozen, lovasz_weight):
-  """One optimizer step; returns the new state and its measurements."""
+def update_step(state, batch, *, encoder, head, tx, schedules, frozen, lovasz_weight, seed):
+  """One optimizer step; returns the new state and its measurements. The step's dropout key
+  is the run's seed folded with the step, so a resumed run draws what it would have."""
   trainable, statistics = runtime.split_statistics(state["params"])
+  rng = jax.random.fold_in(jax.random.key(seed), state["step"])
 
   def objective(params):
     logits, after = logits_fn(
-      encoder, head, runtime.merge(params, statistics), batch, frozen, train=True
+      encoder, head, runtime.merge(params, statistics), batch, frozen, train=True, rng=rng
     )
     loss, parts = segmentation_loss(logits, batch["labels"], lovasz_weight)
     return loss, (parts, after)
@@ -383,6 +389,7 @@ def finetune_and_evaluate(
     functools.partial(
       update_step, encoder=encoder, head=head, tx=tx, schedules=schedules,
       frozen=config.mode == "linear", lovasz_weight=config.loss.lovasz_weight,
+      seed=config.seed,
     ),
     in_shardings=(state_sharding, data_sharding),
     out_shardings=(state_sharding, NamedSharding(mesh, P())),

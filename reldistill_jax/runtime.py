@@ -133,14 +133,16 @@ def merge(tree: Mapping, other: Mapping) -> dict:
   return out
 
 
-def encode(model, variables: Mapping, batch, train: bool) -> tuple[Any, dict]:
+def encode(model, variables: Mapping, batch, train: bool, rng=None) -> tuple[Any, dict]:
   """(model.apply(variables, batch), the variables after it): in training, BatchNorm layers
   normalise by the batch and their running statistics are updated; otherwise they use
-  the running statistics and nothing changes."""
+  the running statistics and nothing changes. `rng` is the "dropout" key of a model with
+  stochastic layers (WaffleIron's drop path), in training only."""
+  rngs = {"dropout": rng} if train and rng is not None else None
   if train and "batch_stats" in variables:
-    out, updated = model.apply(variables, batch, mutable=["batch_stats"])
+    out, updated = model.apply(variables, batch, mutable=["batch_stats"], rngs=rngs)
     return out, {**variables, **updated}
-  return model.apply(variables, batch), dict(variables)
+  return model.apply(variables, batch, rngs=rngs), dict(variables)
 
 
 def sgd(learning_rate, momentum: float, dampening: float, weight_decay: float):

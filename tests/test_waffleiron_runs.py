@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from conftest import SYNTHETIC_BUILDER, pretrain_config, xla_flags
 from configs import default as default_config
 from configs import finetune as finetune_config
 from reldistill_jax import errors, finetune, input_pipeline, packing, records, runtime, train
-from reldistill_jax.models import waffleiron_inputs
+from reldistill_jax.models import waffleiron, waffleiron_inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,3 +134,24 @@ def test_waffleiron_fine_tunes_with_scalrs_head_and_layer_decay(knn_buckets, tmp
   assert float(jnp.abs(head["params"]["linear"]["kernel"]).max()) > 0  # it started at zero
   assert "batch_stats" in head  # the head's BatchNorm statistics, updated in training
   assert 0.0 <= out["metrics"]["miou"] <= 1.0
+
+
+def test_drop_path_draws_from_the_steps_key_in_training_only(knn_buckets):
+  """ScaLR fine-tunes with stochastic depth: `runtime.encode` hands the step's key to the
+  model in training; evaluation (and no key) runs every layer."""
+  store = records.ShardedReader(knn_buckets)
+  transform = input_pipeline.Transform(0, 1.0 / 255)
+  example = transform(store[0])
+  n = len(example["knn"])
+  budgets = packing.Budgets(tokens=(n,), attention=(n,), scans=1, patch_size=1)
+  batch = {k: v[None] for k, v in packing.pack([example], budgets).items() if k != "token"}
+  model = waffleiron.Model(variant="tiny", out_dim=8, drop_path=0.5)
+  variables = model.init(jax.random.key(0), batch)
+  out = lambda train, rng: runtime.encode(model, variables, batch, train, rng)[0][0]
+  first, second = (out(True, jax.random.key(k)) for k in (1, 2))
+  assert not np.allclose(first, second)  # each step's key drops other layers
+  np.testing.assert_array_equal(out(True, jax.random.key(1)), first)  # one key, one draw
+  plain = out(False, None)
+  np.testing.assert_array_equal(out(False, jax.random.key(1)), plain)  # evaluation: all layers
+  config = finetune_config.get_config("dataset=synthetic,fraction=1pct,model=waffleiron48_768")
+  assert config.model.drop_path == 0.2
