@@ -394,6 +394,8 @@ class Model(nn.Module):
       as they are (then `features[..., :3]` must still be x, y, z).
     bn_momentum: PyTorch's convention (0.1, PyTorch's default, officially).
     normalize: L2-normalise the output (distillation).
+    remat: recompute each group of layers in the backward pass (memory: one (T, F)
+      array a group rather than every layer's grids; about a third more compute).
     dtype: compute dtype (parameters and statistics stay float32).
   """
 
@@ -411,6 +413,7 @@ class Model(nn.Module):
   input_feat: Sequence[str] | None = INPUT_FEAT
   bn_momentum: float = 0.1
   normalize: bool = True
+  remat: bool = True
   dtype: Any = jnp.float32
 
   def sizes(self) -> tuple[int, int, Any, tuple[tuple[int, int], ...]]:
@@ -474,8 +477,10 @@ class Model(nn.Module):
     aux = {"embedding": x}
     mix = dict(norm=self.norm, momentum=self.bn_momentum, activation=self.activation,
                drop_path=self.drop_path, dtype=self.dtype)  # fmt: skip
+    # Rematerialised: the backward pass recomputes each group of layers from its input, so
+    # training keeps one (T, F) array a group instead of every layer's grids and activations.
     stack = nn.scan(
-      _Layers,
+      nn.remat(_Layers) if self.remat else _Layers,
       variable_axes={"params": 0, "batch_stats": 0},
       split_rngs={"params": True, "dropout": True},
       in_axes=nn.broadcast,
@@ -511,6 +516,7 @@ def from_config(model_config, dtype) -> Model:
     input_feat=get("input_feat", INPUT_FEAT),
     bn_momentum=get("bn_momentum", 0.1),
     normalize=get("normalize", True),
+    remat=get("remat", True),
     dtype=dtype,
   )
 
