@@ -23,8 +23,9 @@ scored on its validation scans. Presets (`PRESETS`): `quick` is what the tests
 run; `full` is the study. The flags after `--preset` override it.
 
 `--records DIR` keeps what the study reads of every finished unit (a sweep
-trial, the supervised bound, a run with its OOD fine-tuning: their
-`RECORD_FILES`, a few kB each, no checkpoints) in DIR, in the workdir's layout.
+trial, the two from-scratch baselines, a run with its OOD fine-tuning: their
+`study_records.RECORD_FILES`, a few kB each, no checkpoints) in DIR, in the
+workdir's layout.
 A study restarted on another machine, in a fresh workdir at the same path,
 copies them back first and reuses those units, their configs checked as a
 restart's are: a study longer than one machine's lease finishes over several.
@@ -49,6 +50,11 @@ Writes `--out` (default `<workdir>/loss_study.json`):
   supervised_bound the same student fine-tuned from scratch on every labelled
                    training scan, mIoU on every validation point (what its
                    input and size allow with all labels), and per class;
+  from_scratch_1pct  the same student fine-tuned from scratch on the 1% subset
+                   with the few-shot recipe: the baseline each pretraining's
+                   `fewshot_miou` is to beat, and per class;
+  regime           the settings that place the study (world, voxels, student,
+                   batch, steps, epochs);
   tests            the paper's claims as one-sided paired t-tests across
                    seeds (`stats.paired_test`), whichever way they fall;
   ablations        the relational loss against each of its ablations, the same
@@ -80,7 +86,6 @@ from configs import gap as gap_config
 from reldistill_jax import (
   cli,
   curves,
-  errors,
   evaluation_runs,
   files,
   finetune,
@@ -90,6 +95,7 @@ from reldistill_jax import (
   report,
   runtime,
   stats,
+  study_records,
   study_report,
   train,
   workdir_lock,
@@ -115,13 +121,6 @@ METRICS = (
 # A class counts as recognised zero-shot from this IoU on: a student that
 # separates only the dominant classes shows it where its mIoU alone does not.
 RECOGNISED_IOU = 0.01
-# The files of a finished unit's folders that the study reads (`--records`).
-RECORD_FILES = (
-  runtime.CONFIG_FILE,
-  runtime.CONFIG_CHANGES_FILE,
-  metrics_writer.HISTORY_FILE,
-  "metrics.json",
-)
 # The out-of-distribution world: another layout, a 64-beam lidar, no cameras.
 OOD_WORLD = {"seed": 1, "sensor": "hdl64", "cameras": False}
 
@@ -295,7 +294,7 @@ def sweep(preset: Preset, workdir: pathlib.Path, model: str, records=None) -> di
       history = _trial_history(pre, run)
       if history is None:
         history = train.train_and_evaluate(pre, run)["history"]
-      keep_records(workdir, run, records)
+      study_records.keep_records(workdir, run, records)
       score = curves.curve(history)[-1][1]
       trials.append({"settings": settings, "verify_zeroshot_miou": score, "run": str(run)})
     best = max(trials, key=lambda t: np.nan_to_num(t["verify_zeroshot_miou"], nan=-1.0))
@@ -318,46 +317,6 @@ def _trial_history(pre, run: pathlib.Path) -> list[dict] | None:
     return None
   runtime.record_config(pre, run)
   return history
-
-
-def _record_files(folder: pathlib.Path) -> list[pathlib.Path]:
-  """The `RECORD_FILES` of `folder` and of the folders inside it."""
-  return sorted(p for p in folder.rglob("*") if p.is_file() and p.name in RECORD_FILES)
-
-
-def keep_records(workdir: pathlib.Path, unit: pathlib.Path, records) -> None:
-  """Copies the record files of the finished `unit` (a folder of `workdir`) into `records`
-  (nothing when `records` is None).
-
-  Raises:
-    errors.DataError: `records` already holds one of them with other contents.
-  """
-  if records is None:
-    return
-  for path in _record_files(unit):
-    kept = pathlib.Path(records) / path.relative_to(workdir)
-    data = path.read_bytes()
-    if kept.is_file():
-      if kept.read_bytes() == data:
-        continue
-      raise errors.DataError(
-        f"{kept} differs from {path}: the records hold another run of this unit; move one "
-        "of them away (records are never overwritten)"
-      )
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    files.atomic_write(kept, data)
-
-
-def restore_records(records, workdir: pathlib.Path) -> int:
-  """Copies every record file that `workdir` lacks from `records` (if any); returns how many."""
-  restored = 0
-  for path in _record_files(pathlib.Path(records)) if records else ():
-    target = workdir / path.relative_to(records)
-    if not target.exists():
-      target.parent.mkdir(parents=True, exist_ok=True)
-      files.atomic_write(target, path.read_bytes())
-      restored += 1
-  return restored
 
 
 def _finished(config, folder: pathlib.Path) -> bool:
@@ -386,26 +345,47 @@ def fewshot_ood(config, ood_paths: dict, run: pathlib.Path) -> dict:
   return json.loads((out / "metrics.json").read_text())["fewshot"]
 
 
-def supervised_bound(
-  preset: Preset, workdir: pathlib.Path, model: str, records=None
+def from_scratch(
+  preset: Preset, workdir: pathlib.Path, model: str, split: str, records=None
 ) -> dict | None:
-  """The study's student fine-tuned from scratch on every labelled training scan (seed 0,
-  the few-shot recipe), scored on the validation scans: what its input and size allow with
-  all the labels, beside the teacher's ceiling. None without `supervised_epochs`."""
+  """The study's student fine-tuned from random initialisation (seed 0, the few-shot recipe)
+  on a labelled split, scored on the validation scans: on `train` for `supervised_epochs`,
+  the supervised bound (what its input and size allow with every label); on `train_1pct`
+  for the preset's few-shot epochs, the baseline that pretraining must beat. None without
+  `supervised_epochs`."""
   if not preset.supervised_epochs:
     return None
   config = run_config(preset, workdir, LOSSES[0], 0, model)
   paths = pipeline.prepare_synthetic_data(config, workdir)
   ft = copy.deepcopy(config.finetune)
-  ft.input.buckets = str(paths["buckets/train"])
+  ft.input.buckets = str(paths[f"buckets/{split}"])
   ft.input.val_buckets = str(paths["buckets/val"])
-  ft.input.split, ft.subset, ft.label_fraction = "train", "all_train_scans", 1.0
-  ft.num_epochs = preset.supervised_epochs
-  run = workdir / "supervised"
+  ft.checkpoint.init_from = None
+  if split == "train":
+    ft.input.split, ft.subset, ft.label_fraction = "train", "all_train_scans", 1.0
+    ft.num_epochs, run = preset.supervised_epochs, workdir / "supervised"
+  else:
+    run = workdir / "from_scratch_1pct"
   if not _finished(ft, run):
     finetune.finetune_and_evaluate(ft, run)
-  keep_records(workdir, run, records)
+  study_records.keep_records(workdir, run, records)
   return json.loads((run / "metrics.json").read_text())["fewshot"]
+
+
+def regime(preset: Preset, workdir: pathlib.Path, model: str) -> dict:
+  """The settings that place the study: its world, voxels, student and batch."""
+  config = run_config(preset, workdir, LOSSES[0], 0, model)
+  world, pre = config.data.world, config.pretrain
+  return {
+    "world": {"scenes": world.scenes, "samples_per_scene": world.samples_per_scene,
+              "sensor": world.sensor, "seed": world.seed},
+    "voxel_size": config.data.voxel.voxel_size,
+    "student": {"name": pre.model.name, "variant": pre.model.variant},
+    "batch_size": pre.input.batch_size,
+    "pretrain_steps": pre.num_steps,
+    "finetune_epochs": config.finetune.num_epochs,
+    "supervised_epochs": preset.supervised_epochs,
+  }  # fmt: skip
 
 
 def recognised_classes(per_class_iou: dict) -> int:
@@ -486,7 +466,7 @@ def _runs(preset: Preset, workdir: pathlib.Path, model: str, swept: dict, record
         pipeline.run_default(config, run)
       if ood_paths:
         fewshot_ood(config, ood_paths, run)
-      keep_records(workdir, run, records)
+      study_records.keep_records(workdir, run, records)
       yield name, seed, run
 
 
@@ -498,11 +478,12 @@ def run_study(
   workdir = pathlib.Path(workdir)
   start = time.perf_counter()
   runtime.use_compilation_cache(workdir / "xla_cache")  # its runs compile the same programs
-  restored = restore_records(records, workdir)
+  restored = study_records.restore_records(records, workdir)
   if restored:
     logging.info("study: %d record file(s) restored from %s", restored, records)
   swept = sweep(preset, workdir, model, records)
-  supervised = supervised_bound(preset, workdir, model, records)
+  supervised = from_scratch(preset, workdir, model, "train", records)
+  scratch_1pct = from_scratch(preset, workdir, model, "train_1pct", records)
   rows, histories = [], {}
   for name, seed, run in _runs(preset, workdir, model, swept, records):
     rows.append(run_row(run, name, seed))
@@ -525,6 +506,9 @@ def run_study(
     "recognised_iou": RECOGNISED_IOU,
     "supervised_bound": None if supervised is None else supervised["miou"],
     "supervised_bound_per_class": None if supervised is None else supervised["per_class_iou"],
+    "from_scratch_1pct": None if scratch_1pct is None else scratch_1pct["miou"],
+    "from_scratch_1pct_per_class": None if scratch_1pct is None else scratch_1pct["per_class_iou"],
+    "regime": regime(preset, workdir, model),
     "tests": claims(rows, preset.seeds),
     "ablations": ablation_tests(rows, preset.seeds),
     "gap_study": gap_rows,

@@ -47,10 +47,13 @@ def _bound(study: dict) -> str:
   bound = study.get("supervised_bound")
   if bound is None:
     return ""
-  return (
+  text = (
     f" The same student trained from scratch on every labelled training scan (the supervised "
     f"bound): {100 * bound:.2f}%."
   )
+  if study.get("from_scratch_1pct") is not None:
+    text += f" From scratch on the 1% subset: {100 * study['from_scratch_1pct']:.2f}%."
+  return text
 
 
 def _settings(settings: dict) -> str:

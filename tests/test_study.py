@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from reldistill_jax import curves, errors, pipeline, runtime, study, study_report
+from reldistill_jax import curves, errors, pipeline, runtime, study, study_records, study_report
 
 CEILING = 0.57
 
@@ -69,6 +69,7 @@ def test_summary_and_markdown():
     "teacher_classes": 14,
     "recognised_iou": study.RECOGNISED_IOU,
     "supervised_bound": 0.3,
+    "from_scratch_1pct": 0.12,
     "tests": study.claims(rows, (0, 1, 2)),
     "ablations": study.ablation_tests(rows, (0, 1, 2)),
     "gap_study": {
@@ -96,6 +97,7 @@ def test_summary_and_markdown():
   assert "- G against fewshot_miou: fewer than 3 runs." in table
   assert "ceiling): 57.00% (14 classes recognised)" in table
   assert "(the supervised bound): 30.00%" in table and "IoU of at least 1% on" in table
+  assert "From scratch on the 1% subset: 12.00%." in table
   # Classes recognised: relational 5, 6 and 7 over the seeds, similarity 2 on each.
   assert summary["relational"]["zeroshot_classes"]["mean"] == pytest.approx(6.0)
   assert "| 0.200 +- 0.000 [0.200, 0.200] | 6.0 | 2 of 3 |" in table
@@ -237,23 +239,25 @@ def test_records_keep_the_small_files_of_a_unit_and_restore_what_a_workdir_lacks
   (run / "checkpoints" / "4" / "manifest.ocdbt").write_bytes(b"\0" * 64)
   (run / "fewshot_ood").mkdir()
   (run / "fewshot_ood" / "metrics.json").write_text('{"fewshot": {"miou": 0.12}}')
-  study.keep_records(workdir, run, records)
+  study_records.keep_records(workdir, run, records)
   kept = sorted(str(p.relative_to(records)) for p in records.rglob("*") if p.is_file())
   assert kept == [
     "sweep/t/config.json", "sweep/t/fewshot_ood/metrics.json", "sweep/t/history.jsonl"
   ]  # fmt: skip
   stamps = {p: p.stat().st_mtime_ns for p in records.rglob("*") if p.is_file()}
-  study.keep_records(workdir, run, records)  # the same contents again: nothing refused or rewritten
+  study_records.keep_records(
+    workdir, run, records
+  )  # the same contents again: nothing refused or rewritten
   assert {p: p.stat().st_mtime_ns for p in records.rglob("*") if p.is_file()} == stamps
   fresh = tmp_path / "fresh"
-  assert study.restore_records(records, fresh) == 3
+  assert study_records.restore_records(records, fresh) == 3
   for name in kept:
     assert (fresh / name).read_bytes() == (workdir / name).read_bytes()
-  assert study.restore_records(records, fresh) == 0  # nothing lacking, nothing overwritten
-  assert study.restore_records(None, fresh) == 0
+  assert study_records.restore_records(records, fresh) == 0  # nothing lacking, nothing overwritten
+  assert study_records.restore_records(None, fresh) == 0
   (run / "history.jsonl").write_text("{}\n")  # the unit run again, differently
   with pytest.raises(errors.DataError, match=r"records/sweep/t/history\.jsonl differs from"):
-    study.keep_records(workdir, run, records)
+    study_records.keep_records(workdir, run, records)
   assert (records / "sweep/t/history.jsonl").read_bytes() == (
     fresh / "sweep/t/history.jsonl"
   ).read_bytes()
