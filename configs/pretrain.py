@@ -74,6 +74,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Model (configs/common.py MODELS).
   recipe = common.set_model(config, args, teachers.feature_dim(args["teacher"]))
+  # Each scan cropped to the frustum of this many random cameras (0: whole scans); ScaLR
+  # distils WaffleIron from one camera a scan.
+  config.input.cameras_per_scan = (
+    1 if config.model.name == "waffleiron" and recipe == "scalr" else 0
+  )
 
   # Loss.
   config.loss = ml_collections.ConfigDict()

@@ -103,6 +103,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   "model.norm": _choice(("batch", "layer")),
   "model.drop_path": _float(0, 1, high_open=True),
   "data.voxel.knn": NON_NEGATIVE,
+  "input.cameras_per_scan": NON_NEGATIVE,
   "optimizer.warmup_steps": NON_NEGATIVE,
   "optimizer.warmup_epochs": NON_NEGATIVE,
   "optimizer.layer_decay": _float(0, 1, low_open=True),

@@ -59,7 +59,7 @@ import grain
 import jax
 import numpy as np
 
-from reldistill_jax import errors, feature_store, packing, records, serialization
+from reldistill_jax import errors, feature_store, frustum, packing, records, serialization
 
 HOST_KEYS = packing.HOST_KEYS
 
@@ -96,6 +96,8 @@ class Transform:
       nuScenes, 1 for SemanticKITTI).
     grid: (h, w) of the teacher's feature maps, to place pairs on.
     augment: augmentations, or None (evaluation).
+    cameras_per_scan: in training (with an rng), crop every scan to the frustums of
+      this many of its cameras, drawn at random (`frustum`: ScaLR's 1); 0: the whole scan.
   """
 
   def __init__(
@@ -104,13 +106,19 @@ class Transform:
     intensity_scale: float,
     grid: tuple[int, int] | None = None,
     augment: Augment | None = None,
+    cameras_per_scan: int = 0,
   ):
     self.num_pairs = num_pairs
     self.intensity_scale = intensity_scale
     self.grid = grid
     self.augment = augment
+    self.cameras_per_scan = cameras_per_scan
 
   def __call__(self, record: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
+    if self.cameras_per_scan and rng is not None:
+      cameras = frustum.choose_cameras(record, self.cameras_per_scan, rng)
+      if cameras:  # a scan without pairs stays whole
+        record = frustum.crop(record, cameras)
     xyz = record["features"][:, :3]
     if self.augment is not None:
       xyz = _augment(xyz, self.augment, rng)

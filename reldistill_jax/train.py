@@ -98,6 +98,7 @@ def open_data(config: ml_collections.ConfigDict, data_sharding):
     inp.intensity_scale,
     grid=tuple(store.config["grid"]),
     augment=input_pipeline.Augment(inp.augment.rotate, inp.augment.flip, tuple(inp.augment.scale)),
+    cameras_per_scan=inp.get("cameras_per_scan", 0),
   )
   # This process's block of every step's packs: the rows its devices hold.
   packs = inp.batch_size // inp.pack_size
