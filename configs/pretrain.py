@@ -76,9 +76,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   recipe = common.set_model(config, args, teachers.feature_dim(args["teacher"]))
   # Each scan cropped to the frustum of this many random cameras (0: whole scans); ScaLR
   # distils WaffleIron from one camera a scan.
-  config.input.cameras_per_scan = (
-    1 if config.model.name == "waffleiron" and recipe == "scalr" else 0
-  )
+  scalr_waffleiron = config.model.name == "waffleiron" and recipe == "scalr"
+  config.input.cameras_per_scan = 1 if scalr_waffleiron else 0
+  if scalr_waffleiron:  # ScaLR's scaling of +-10%
+    config.input.augment.scale = (0.9, 1.1)
 
   # Loss.
   config.loss = ml_collections.ConfigDict()
@@ -90,7 +91,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loss.diagonal = True
   config.loss.distance = "l1"
   config.loss.temperature = 0.07
-  config.loss.similarity = "cosine"
+  # ScaLR's loss is the mean L2 distance between unit vectors (loss=similarity, WaffleIron).
+  config.loss.similarity = "l2" if scalr_waffleiron else "cosine"
   config.loss.implementation = "auto"
 
   # Optimizer: ScaLR's AdamW recipe, or SLidR's SGD (recipe=slidr: no warmup, no clipping).

@@ -15,6 +15,7 @@ from conftest import SYNTHETIC_BUILDER, pretrain_config, xla_flags
 
 from configs import default as default_config
 from configs import finetune as finetune_config
+from configs import pretrain as pretrain_config_module
 from reldistill_jax import errors, finetune, input_pipeline, packing, records, runtime, train
 from reldistill_jax.models import waffleiron, waffleiron_inputs
 
@@ -155,3 +156,19 @@ def test_drop_path_draws_from_the_steps_key_in_training_only(knn_buckets):
   np.testing.assert_array_equal(out(False, jax.random.key(1)), plain)  # evaluation: all layers
   config = finetune_config.get_config("dataset=synthetic,fraction=1pct,model=waffleiron48_768")
   assert config.model.drop_path == 0.2
+
+
+def test_scalrs_pretraining_recipe_for_waffleiron():
+  """ScaLR: DINOv2's last block before its norm, the L2 distance of unit vectors, AdamW 2e-3
+  with weight decay 0.03, LayerNorm, one camera a scan, scaling of +-10%."""
+  config = pretrain_config_module.get_config(
+    "loss=similarity,teacher=dinov2_vitb14,model=waffleiron48_768"
+  )
+  assert config.dense == "tokens_prenorm" and config.loss.similarity == "l2"
+  assert (config.optimizer.name, config.optimizer.lr, config.optimizer.weight_decay) == (
+    "adamw", 2e-3, 0.03,
+  )  # fmt: skip
+  assert config.model.norm == "layer" and config.input.cameras_per_scan == 1
+  assert tuple(config.input.augment.scale) == (0.9, 1.1)
+  other = pretrain_config_module.get_config("loss=similarity,teacher=dinov2_vitb14")
+  assert other.loss.similarity == "cosine" and other.input.cameras_per_scan == 0
