@@ -43,7 +43,7 @@ import numpy as np
 import tqdm
 from absl import app, flags, logging
 
-from reldistill_jax import cli, errors, records, serialization
+from reldistill_jax import cli, errors, frustum, records, serialization
 from reldistill_jax.models import waffleiron_inputs
 
 STORE_NAME = "buckets"
@@ -191,8 +191,10 @@ def _start_worker(open_source: Callable[[], Sequence], config: Mapping[str, Any]
 
 
 def scan_sizes(bucket: Mapping[str, Any]) -> list[int]:
-  """A bucket's row of the manifest's `sizes`: its voxels per stage, then its pairs."""
-  return [*(int(n) for n in bucket["counts"]), len(bucket["pairs_voxel"])]
+  """A bucket's row of the manifest's `sizes`: its voxels per stage, its pairs, then the
+  voxels per stage of its largest one-camera crop (`frustum.largest_crop`)."""
+  counts = [int(n) for n in bucket["counts"]]
+  return [*counts, len(bucket["pairs_voxel"]), *frustum.largest_crop(bucket)]
 
 
 def _write_shard(shard: int, path: str) -> tuple[int, dict, list[list[int]], int]:

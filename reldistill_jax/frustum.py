@@ -12,6 +12,10 @@ them:
     neighbour is absent) and the `parent` map;
   * the pairs of the chosen cameras, their voxels renumbered.
 Keys a training example does not read (`point_to_voxel`, `point_labels`) are dropped.
+
+The voxeliser records each scan's `largest_crop` in the manifest, so training with one
+camera a scan fits its pack budgets and plans its packs on those counts
+(`planning_sizes`): any one camera's crop fits, and a step costs what the crops need.
 """
 
 from collections.abc import Mapping, Sequence
@@ -81,6 +85,40 @@ def crop(record: Mapping[str, Any], cameras: Sequence[int]) -> dict[str, Any]:
     k = record["knn"].shape[1]
     out["knn"] = waffleiron_inputs.knn_indices(out["features"][:, :3], k)
   return out
+
+
+def crop_counts(record: Mapping[str, Any], cameras: Sequence[int]) -> list[int]:
+  """The voxels of every stage that `crop(record, cameras)` keeps, without building it."""
+  chosen = np.isin(record["pairs_camera"], np.asarray(cameras))
+  keep = np.zeros(len(record["features"]), bool)
+  keep[record["pairs_voxel"][chosen]] = True
+  counts = []
+  for s in range(_stages(record)):
+    counts.append(int(keep.sum()))
+    if f"s{s}/parent" in record:
+      parents = record[f"s{s}/parent"][keep]
+      keep = np.zeros(record[f"s{s + 1}/order"].shape[1], bool)
+      keep[parents] = True
+  return counts
+
+
+def largest_crop(record: Mapping[str, Any]) -> list[int]:
+  """Per stage, the most voxels any one camera's crop keeps (the whole scan's counts for a
+  scan without pairs): a bound that packs of one-camera crops are planned on."""
+  cameras = np.unique(record["pairs_camera"])
+  if not len(cameras):
+    return [int(n) for n in record["counts"]]
+  return np.max([crop_counts(record, [int(c)]) for c in cameras], axis=0).tolist()
+
+
+def planning_sizes(buckets, stages: int, cameras_per_scan: int) -> np.ndarray:
+  """(N, stages) voxel counts to fit pack budgets and plan packs on: each scan's largest
+  one-camera crop with one camera a scan, when the store's manifest records it (its `sizes`
+  rows: the stages' counts, the pairs, then `largest_crop`); else the whole scans'."""
+  sizes, total = buckets.sizes, buckets.config["num_stages"]
+  if cameras_per_scan == 1 and sizes.shape[1] >= 2 * total + 1:
+    return sizes[:, total + 1 : total + 1 + stages]
+  return sizes[:, :stages]
 
 
 def choose_cameras(record: Mapping[str, Any], count: int, rng: np.random.Generator) -> list[int]:

@@ -282,7 +282,8 @@ def process_dataset(
   """
   if store is not None:
     check_join(buckets, store)
-  plan = packing.PackPlan(buckets.sizes, budgets, seed=seed, bins=inp.pack_bins)
+  sizes = frustum.planning_sizes(buckets, len(budgets.tokens), transform.cameras_per_scan)
+  plan = packing.PackPlan(sizes, budgets, seed=seed, bins=inp.pack_bins)
   ds = packs(JoinedSource(buckets, store), plan, transform, seed)
   ds = ds.batch(packs_per_process, batch_fn=stack)[process_index::process_count]
   options = grain.ReadOptions(num_threads=inp.num_threads, prefetch_buffer_size=inp.prefetch)

@@ -51,6 +51,7 @@ from reldistill_jax import (
   checkpoint_health,
   errors,
   files,
+  frustum,
   input_pipeline,
   packing,
   records,
@@ -179,6 +180,7 @@ def pack_budgets(
   buckets: records.ShardedReader,
   scans_per_pack: int,
   name: str = "training",
+  cameras_per_scan: int = 0,
 ) -> packing.Budgets:
   """The pack shape of `buckets`: token budgets fitted to its scans (`packing.fit_budgets`).
 
@@ -187,6 +189,7 @@ def pack_budgets(
     buckets: the bucket store.
     scans_per_pack: S, the scans of one pack.
     name: what the packs are for, in the log line.
+    cameras_per_scan: the scans' crop in training (`frustum.planning_sizes`).
 
   Raises:
     errors.DataError: the store has fewer stages than the model, or not its kNN map.
@@ -204,7 +207,12 @@ def pack_budgets(
       f"{buckets.path} has no kNN map of {knn} neighbours, which the {config.model.name} "
       f"reads; voxelise the split again with --knn {knn}"
     )
-  sizes = buckets.sizes[:, :stages]
+  sizes = frustum.planning_sizes(buckets, stages, cameras_per_scan)
+  if cameras_per_scan == 1 and buckets.sizes.shape[1] < 2 * buckets.config["num_stages"] + 1:
+    logging.warning(
+      "%s records no one-camera crop sizes (voxelised before they were): the packs are sized "
+      "for whole scans; voxelise it again for packs sized for the crops", buckets.path,
+    )  # fmt: skip
   budgets = packing.fit_budgets(
     sizes, scans_per_pack, config.model.patch_size, model.token_costs(),
     bins=config.input.get("pack_bins", 8),

@@ -92,13 +92,14 @@ def open_data(config: ml_collections.ConfigDict, data_sharding):
     inp.features,
     {"teacher": config.teacher, "dense": config.dense, "feature_dim": config.model.out_dim},
   )
-  budgets = runtime.pack_budgets(config, buckets, inp.pack_size)
+  crop = inp.get("cameras_per_scan", 0)
+  budgets = runtime.pack_budgets(config, buckets, inp.pack_size, cameras_per_scan=crop)
   transform = input_pipeline.Transform(
     inp.num_pairs,
     inp.intensity_scale,
     grid=tuple(store.config["grid"]),
     augment=input_pipeline.Augment(inp.augment.rotate, inp.augment.flip, tuple(inp.augment.scale)),
-    cameras_per_scan=inp.get("cameras_per_scan", 0),
+    cameras_per_scan=crop,
   )
   # This process's block of every step's packs: the rows its devices hold.
   packs = inp.batch_size // inp.pack_size

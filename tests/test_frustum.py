@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+from conftest import pretrain_config
 
-from reldistill_jax import frustum, input_pipeline, records, serialization
+from reldistill_jax import frustum, input_pipeline, records, runtime, serialization, train
 from reldistill_jax.models import waffleiron_inputs
 
 
@@ -78,3 +79,23 @@ def test_training_crops_to_one_camera_chosen_per_seed_and_step(bucket):
   assert len(set(drawn)) > 1, drawn  # the camera changes with the seed (and the step)
   whole = transform(bucket)  # evaluation: no generator, no crop
   assert len(whole["features"]) == bucket["num_voxels"]
+
+
+def test_packs_are_planned_on_each_scans_largest_crop(small_training_data):
+  store = records.ShardedReader(small_training_data["buckets"])
+  largest = np.array([frustum.largest_crop(store[i]) for i in range(len(store))])
+  np.testing.assert_array_equal(frustum.planning_sizes(store, 2, 1), largest)
+  whole = frustum.planning_sizes(store, 2, 0)
+  np.testing.assert_array_equal(whole, store.sizes[:, :2])
+  assert np.all(largest < whole)
+  np.testing.assert_array_equal(frustum.planning_sizes(store, 2, 2), whole)  # no bound for 2
+
+
+def test_pretraining_on_one_camera_a_scan_runs_in_smaller_packs(small_training_data, tmp_path):
+  config = pretrain_config(small_training_data, num_steps=2, **{"input.cameras_per_scan": 1})
+  store = records.ShardedReader(small_training_data["buckets"])
+  cropped = runtime.pack_budgets(config, store, 2, cameras_per_scan=1)
+  whole = runtime.pack_budgets(config, store, 2)
+  assert all(c < w for c, w in zip(cropped.tokens, whole.tokens, strict=True))
+  out = train.train_and_evaluate(config, tmp_path)
+  assert np.isfinite(out["measurements"]["loss"]) and out["measurements"]["pairs"] > 0

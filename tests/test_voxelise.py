@@ -13,7 +13,7 @@ import pytest
 
 from data_prep import build, voxelise
 from data_prep.builders import data_source
-from reldistill_jax import errors, input_pipeline, records, serialization
+from reldistill_jax import errors, frustum, input_pipeline, records, serialization
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PARAMS = dict(num_stages=3, records_per_shard=2)
@@ -86,8 +86,9 @@ def test_cli_writes_buckets_that_grain_reads(kitti, tmp_path):
       np.testing.assert_array_equal(got[key], value, err_msg=key)
       assert np.asarray(got[key]).dtype == np.asarray(value).dtype, key
     assert got["point_labels"].any() and got["pairs_voxel"].shape == (0,)
-  # The manifest lists every scan's voxels per stage and its pairs: what packing reads.
-  counts = list(grain.MapDataset.source(reader).map(lambda r: [*r["counts"], 0]))
+  # The manifest lists every scan's voxels per stage, its pairs and its largest one-camera
+  # crop, what packing reads: without cameras, the whole scan.
+  counts = list(grain.MapDataset.source(reader).map(lambda r: [*r["counts"], 0, *r["counts"]]))
   np.testing.assert_array_equal(reader.sizes, counts)
 
 
@@ -160,4 +161,9 @@ def test_real_nuscenes_keyframe_keeps_its_pairs(realdata, tmp_path, caplog):
   np.testing.assert_array_equal(bucket["pairs_uv"], scan["pairs_uv"])
   np.testing.assert_array_equal(bucket["point_labels"], scan["labels"])
   assert bucket["features"].shape == (bucket["num_voxels"], 5)
-  assert store.sizes.tolist() == [[*bucket["counts"], len(scan["pairs_point"])]]
+  # Its largest one-camera crop, from the crops themselves: a fraction of the scan.
+  cameras = np.unique(bucket["pairs_camera"]).tolist()
+  crops = np.array([frustum.crop(bucket, [c])["counts"] for c in cameras])
+  assert len(cameras) == 6 and np.all(crops.max(0) < bucket["counts"])
+  expected = [*bucket["counts"], len(scan["pairs_point"]), *crops.max(0)]
+  assert store.sizes.tolist() == [expected]
