@@ -23,9 +23,9 @@ few-shot fine-tuning) it fine-tunes the student from random initialisation for
 Per run it writes the curve (step, val mIoU), whether it converged
 (`curves.convergence`: at most half a point gained over the last quarter), the
 final per-class IoU, the median s/step (compilation apart: `runtime.run_loop`)
-and the wall time. Per data it also writes the
-teacher's ceiling (its zero-shot mIoU at the paired points of the validation
-scans, `evaluate.structural_gap`'s `zeroshot_teacher`). An existing `--out` keeps
+and the wall time (null for a run finished before this invocation). Per data it also writes the
+teacher's ceiling (its zero-shot mIoU at every paired point of the validation
+scans). An existing `--out` keeps
 the results of other settings (a setting measured again replaces its own), each with its
 machine, date and command, so the measurements of several sessions gather in one file.
 Prints a table.
@@ -124,14 +124,17 @@ def finetune_config(config, paths: dict, values: dict, fraction: str, epochs: in
 
 
 def teacher_ceiling(config, paths: dict) -> dict:
-  """The teacher's zero-shot mIoU at the paired points of the validation scans: every
-  scan's pairs sampled as the study's evaluation samples them (`evaluate.structural_gap`)."""
+  """The teacher's zero-shot mIoU at every paired point of the validation scans (the study
+  scores a uniform sample of `input.num_pairs` a scan: `evaluate.structural_gap`)."""
   buckets = records.ShardedReader(paths["buckets/val"])
   store = feature_store.FeatureStore(paths["features/val"])
   source = input_pipeline.JoinedSource(buckets, store)
-  inp = config.pretrain.input
+  # Every pair of every scan (a transform without a generator takes the first P pairs, so P
+  # is the store's largest pair count).
   transform = input_pipeline.Transform(
-    inp.num_pairs, inp.intensity_scale, grid=tuple(store.config["grid"])
+    int(buckets.sizes[:, buckets.config["num_stages"]].max()),
+    config.pretrain.input.intensity_scale,
+    grid=tuple(store.config["grid"]),
   )
   text = evaluation_runs.load_text_embeddings(paths["text"])
   names = classes.NUSCENES_CLASSES
@@ -177,9 +180,11 @@ def measure(workdir: pathlib.Path, text: str, fractions, epochs: int, every: int
     ft = finetune_config(config, paths, values, fraction, epochs, every)
     out["model"] = ft.model.to_dict()
     run = workdir / f"{name}_{fraction}"
+    finished = (run / "metrics.json").is_file()  # then only evaluated again
     t0 = time.perf_counter()
     result = finetune.finetune_and_evaluate(ft, run)
-    out["runs"][fraction] = run_summary(run, result["num_steps"], time.perf_counter() - t0)
+    seconds = None if finished else time.perf_counter() - t0
+    out["runs"][fraction] = run_summary(run, result["num_steps"], seconds)
   return out
 
 

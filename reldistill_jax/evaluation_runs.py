@@ -30,6 +30,7 @@ from reldistill_jax import (
   report,
   runtime,
   serialization,
+  workdir_config,
 )
 
 CLASS_NAMES = classes.NUSCENES_CLASSES  # the synthetic world uses them too
@@ -113,7 +114,7 @@ def run_zeroshot(
   text = load_text_embeddings(config.text_embeddings)
   params = runtime.load_params(config.checkpoint, field="config.checkpoint")
   _check_params(config, params, val, config.checkpoint)
-  runtime.record_config(config, workdir, override_config)
+  workdir_config.record_config(config, workdir, override_config)
   mesh = runtime.make_mesh(config)
   zeroshot = zero_shot_metrics(
     config, params, val, text, config.eval.batch_size, mesh, config.eval.empty
@@ -206,7 +207,7 @@ def run_gap(
   """The gap study of `config.runs`; returns it and writes metrics.json, report.md and the scatter plot."""
   config_checks.validate(config)
   rows = [gap_row(run) for run in split_runs(config.runs)]
-  runtime.record_config(config, workdir, override_config)
+  workdir_config.record_config(config, workdir, override_config)
   written = report.write_report(
     workdir, {"runs": rows}, gap_rows=rows, title="reldistill-jax: structural gap vs mIoU"
   )

@@ -47,6 +47,7 @@ from reldistill_jax import (
   runtime,
   scalr_finetune,
   serialization,
+  workdir_config,
 )
 
 # ----------------------------------------------------------------------------
@@ -354,7 +355,7 @@ def finetune_and_evaluate(
 
   Args:
     config: a `configs/finetune.py` config.
-    workdir: the run's folder (`runtime.record_config` keeps its config there).
+    workdir: the run's folder (`workdir_config.record_config` keeps its config there).
     override_config: accept a restart whose config differs from the workdir's.
 
   Returns:
@@ -374,7 +375,9 @@ def finetune_and_evaluate(
   data_sharding = NamedSharding(mesh, P("data"))
   iterator, buckets, val_buckets = open_data(config, data_sharding)
   runtime.check_restore_paths(config, workdir)
-  runtime.record_config(config, workdir, override_config)  # only once the inputs are known good
+  workdir_config.record_config(
+    config, workdir, override_config
+  )  # only once the inputs are known good
   num_steps = _steps(config, len(buckets))
 
   # Model and optimizer, shape first, then initialised already replicated.

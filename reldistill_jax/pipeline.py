@@ -49,6 +49,7 @@ from reldistill_jax import (
   runtime,
   teachers,
   train,
+  workdir_config,
 )
 from reldistill_jax.evaluators import zeroshot as zeroshot_lib
 
@@ -179,7 +180,7 @@ def run_default(
   paths = complete_stages(config, workdir)
   pre, ft = config.pretrain, config.finetune
   config_checks.validate(config)
-  runtime.record_config(config, workdir, override_config)
+  workdir_config.record_config(config, workdir, override_config)
   prepare_synthetic_data(config, workdir)
 
   # Pretraining with the configured loss (relational by default).

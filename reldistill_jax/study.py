@@ -98,6 +98,7 @@ from reldistill_jax import (
   study_records,
   study_report,
   train,
+  workdir_config,
   workdir_lock,
 )
 
@@ -307,7 +308,7 @@ def _trial_history(pre, run: pathlib.Path) -> list[dict] | None:
   reusable without its checkpoints; None if it has not finished.
 
   Raises:
-    errors.ConfigError: it was run with another config (`runtime.record_config`).
+    errors.ConfigError: it was run with another config (`workdir_config.record_config`).
   """
   path = run / metrics_writer.HISTORY_FILE
   if not path.is_file():
@@ -315,7 +316,7 @@ def _trial_history(pre, run: pathlib.Path) -> list[dict] | None:
   history = [json.loads(line) for line in path.read_text().splitlines() if line]
   if not any(r["step"] == pre.num_steps and curves.KEY in r for r in history):
     return None
-  runtime.record_config(pre, run)
+  workdir_config.record_config(pre, run)
   return history
 
 
@@ -323,11 +324,11 @@ def _finished(config, folder: pathlib.Path) -> bool:
   """Whether `folder` holds a finished run (its metrics.json) of `config`.
 
   Raises:
-    errors.ConfigError: it was run with another config (`runtime.record_config`).
+    errors.ConfigError: it was run with another config (`workdir_config.record_config`).
   """
   if not (folder / "metrics.json").is_file():
     return False
-  runtime.record_config(config, folder)
+  workdir_config.record_config(config, folder)
   return True
 
 

@@ -8,12 +8,12 @@ workdir, so a study longer than one machine's lease finishes over several.
 
 import pathlib
 
-from reldistill_jax import errors, files, metrics_writer, runtime
+from reldistill_jax import errors, files, metrics_writer, workdir_config
 
 # The files of a finished unit's folders that the study reads (`--records`).
 RECORD_FILES = (
-  runtime.CONFIG_FILE,
-  runtime.CONFIG_CHANGES_FILE,
+  workdir_config.CONFIG_FILE,
+  workdir_config.CONFIG_CHANGES_FILE,
   metrics_writer.HISTORY_FILE,
   "metrics.json",
 )

@@ -35,6 +35,7 @@ from reldistill_jax import (
   runtime,
   serialization,
   sharded_losses,
+  workdir_config,
 )
 
 
@@ -144,7 +145,7 @@ def train_and_evaluate(
 
   Args:
     config: a `configs/pretrain.py` config.
-    workdir: the run's folder (`runtime.record_config` keeps its config there).
+    workdir: the run's folder (`workdir_config.record_config` keeps its config there).
     override_config: accept a restart whose config differs from the workdir's.
 
   Returns:
@@ -167,7 +168,9 @@ def train_and_evaluate(
   model = runtime.make_model(config)
   evaluate_fn = curves.make_evaluator(config, model, mesh)
   runtime.check_restore_paths(config, workdir)
-  runtime.record_config(config, workdir, override_config)  # only once the inputs are known good
+  workdir_config.record_config(
+    config, workdir, override_config
+  )  # only once the inputs are known good
 
   # Model and optimizer, shape first, then initialised already replicated.
   tx, schedule = make_optimizer(config)

@@ -4,7 +4,7 @@
 pid, the process's start time and when the run started, and removes it when
 the run ends (however it ends, short of SIGKILL). A workdir that does not exist
 yet is locked when the run creates it, once its inputs are known good
-(`take`, from `runtime.record_config`): a refused input leaves no folder. A second process on the same
+(`take`, from `workdir_config.record_config`): a refused input leaves no folder. A second process on the same
 workdir stops in one line naming the holder (`errors.WorkdirLocked`, exit
 status 2). A lock left by a process that is gone (SIGKILL, a lost node) is
 taken over with a warning when it was written on this host, where that can be

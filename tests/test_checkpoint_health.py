@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import PRETRAIN_ARG, PRETRAIN_OVERRIDES, pretrain_config, xla_flags
 
-from reldistill_jax import checkpoint_health, errors, runtime, train
+from reldistill_jax import checkpoint_health, errors, train, workdir_config
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_no_whole_checkpoint_stops_in_one_line_and_moves_nothing(
   assert f"(step 4: {cut}; step 2: {missing}); put back a copy" in last
   assert "Traceback" not in proc.stderr
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
-  assert runtime.CONFIG_FILE in {p.name for p in workdir.iterdir()}
+  assert workdir_config.CONFIG_FILE in {p.name for p in workdir.iterdir()}
 
 
 def test_the_iterator_position_is_the_one_every_saving_process_agrees_on(tmp_path):

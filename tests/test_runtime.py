@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default, pretrain
-from reldistill_jax import errors, metrics_writer, runtime
+from reldistill_jax import errors, metrics_writer, runtime, workdir_config
 
 
 def _config(**fields):
@@ -26,23 +26,36 @@ def _config(**fields):
 
 
 def _changes(workdir) -> list[dict]:
-  path = workdir / runtime.CONFIG_CHANGES_FILE
+  path = workdir / workdir_config.CONFIG_CHANGES_FILE
   return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def test_a_field_newer_than_the_run_is_no_change_at_its_old_behaviour(tmp_path):
+  """A run started before `input.cameras_per_scan` existed restarts with it at 0 (whole scans,
+  as it trained); another value changes the result and is refused."""
+  workdir_config.record_config(_config(), tmp_path)
+  recorded = json.loads((tmp_path / "config.json").read_text())
+  del recorded["input"]["cameras_per_scan"]
+  (tmp_path / "config.json").write_text(json.dumps(recorded))
+  workdir_config.record_config(_config(), tmp_path)
+  assert _changes(tmp_path) == []
+  with pytest.raises(errors.ConfigError, match=r"input.cameras_per_scan: '<absent>' -> 1"):
+    workdir_config.record_config(_config(**{"input.cameras_per_scan": 1}), tmp_path)
+
+
 def test_a_restart_with_a_changed_config_is_refused_naming_each_field(tmp_path):
-  runtime.record_config(_config(), tmp_path)
+  workdir_config.record_config(_config(), tmp_path)
   started = json.loads((tmp_path / "config.json").read_text())
   assert started["loss"]["name"] == "relational" and started["input"]["augment"]["scale"] == [
     0.95,
     1.05,
   ]
-  runtime.record_config(_config(), tmp_path)  # the same config: nothing to say
+  workdir_config.record_config(_config(), tmp_path)  # the same config: nothing to say
   assert _changes(tmp_path) == []
 
   changed = _config(**{"loss.name": "contrastive", "optimizer.lr": 1e-3})
   with pytest.raises(errors.ConfigError) as refused:
-    runtime.record_config(changed, tmp_path)
+    workdir_config.record_config(changed, tmp_path)
   message = str(refused.value)
   assert "loss.name" in message and "optimizer.lr" in message and "--override_config" in message
   assert "'relational' -> 'contrastive'" in message
@@ -50,20 +63,20 @@ def test_a_restart_with_a_changed_config_is_refused_naming_each_field(tmp_path):
   assert _changes(tmp_path) == []
 
   # --override_config accepts it and records it; the next restart compares with the new values.
-  runtime.record_config(changed, tmp_path, override=True)
+  workdir_config.record_config(changed, tmp_path, override=True)
   (change,) = _changes(tmp_path)
   assert change["override"] and change["fields"]["loss.name"] == ["relational", "contrastive"]
-  runtime.record_config(changed, tmp_path)
+  workdir_config.record_config(changed, tmp_path)
   with pytest.raises(errors.ConfigError, match="loss.name"):
-    runtime.record_config(_config(), tmp_path)
+    workdir_config.record_config(_config(), tmp_path)
   assert json.loads((tmp_path / "config.json").read_text()) == started  # what it started with
 
 
 def test_fields_that_only_extend_or_observe_a_run_may_change(tmp_path, caplog):
-  runtime.record_config(_config(), tmp_path)
+  workdir_config.record_config(_config(), tmp_path)
   caplog.set_level("INFO")
   extended = {"num_steps": 60, "log_every": 5, "checkpoint.every": 7, "checkpoint.keep": 1}
-  runtime.record_config(_config(**extended), tmp_path)
+  workdir_config.record_config(_config(**extended), tmp_path)
   (change,) = _changes(tmp_path)
   assert not change["override"] and sorted(change["fields"]) == sorted(extended)
   assert "num_steps: 6 -> 60" in caplog.text
@@ -72,12 +85,12 @@ def test_fields_that_only_extend_or_observe_a_run_may_change(tmp_path, caplog):
 def test_the_default_refuses_extending_one_stage(tmp_path):
   """Extending pretraining alone would leave the few-shot stage trained on the old encoder."""
   config = default.get_config("runlocal")
-  runtime.record_config(config, tmp_path)
+  workdir_config.record_config(config, tmp_path)
   config.pretrain.log_every = 1
-  runtime.record_config(config, tmp_path)
+  workdir_config.record_config(config, tmp_path)
   config.pretrain.num_steps = 40
   with pytest.raises(errors.ConfigError, match="pretrain.num_steps"):
-    runtime.record_config(config, tmp_path)
+    workdir_config.record_config(config, tmp_path)
 
 
 def test_history_survives_a_restart_up_to_the_restored_step(tmp_path):
@@ -96,7 +109,7 @@ def test_history_survives_a_restart_up_to_the_restored_step(tmp_path):
 
 def _run_with_checkpoints(workdir: pathlib.Path, steps: tuple[int, ...]) -> pathlib.Path:
   """A workdir holding config.json and orbax checkpoints of `steps` (params w = step)."""
-  runtime.record_config(_config(), workdir)
+  workdir_config.record_config(_config(), workdir)
   manager = runtime.checkpoint_manager(workdir, keep=len(steps))
   for step in steps:
     state = {"params": {"w": np.full(3, step, np.float32)}, "step": step}

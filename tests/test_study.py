@@ -5,7 +5,15 @@ import json
 
 import pytest
 
-from reldistill_jax import curves, errors, pipeline, runtime, study, study_records, study_report
+from reldistill_jax import (
+  curves,
+  errors,
+  pipeline,
+  study,
+  study_records,
+  study_report,
+  workdir_config,
+)
 
 CEILING = 0.57
 
@@ -168,7 +176,7 @@ def test_a_finished_run_of_other_settings_is_refused_not_reused(tmp_path):
   run = tmp_path / "relational_s0"
   config = study.run_config(preset, tmp_path, "relational", 0, "ptv3_base", {"lr": 1e-3})
   pipeline.complete_stages(config, run)
-  runtime.record_config(config, run)  # what run_default recorded
+  workdir_config.record_config(config, run)  # what run_default recorded
   (run / "metrics.json").write_text("{}")
   same = {"relational": {"chosen": {"lr": 1e-3}}}
   assert [r[:2] for r in study._runs(preset, tmp_path, "ptv3_base", same)] == [("relational", 0)]
@@ -213,7 +221,7 @@ def _finished_trial(tmp_path, steps: int):
   pre = study.run_config(preset, tmp_path, "relational", 0, "ptv3_base", {"lr": 2e-3}).pretrain
   pre.num_steps = pre.eval.every = preset.sweep_steps
   run = tmp_path / "sweep" / "t"
-  runtime.record_config(pre, run)
+  workdir_config.record_config(pre, run)
   history = [{"step": s, "loss": 1.0 / s} for s in range(1, steps + 1)]
   history[-1][curves.KEY] = 0.1
   (run / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
