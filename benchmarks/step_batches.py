@@ -98,7 +98,7 @@ def make_batches(config, settings: dict, buckets=None, features=None):
     inp.num_pairs,
     inp.intensity_scale,
     grid=settings["teacher_grid"],
-    augment=input_pipeline.Augment(inp.augment.rotate, inp.augment.flip, tuple(inp.augment.scale)),
+    augment=input_pipeline.Augment.from_config(inp.augment),
   )
   packs_per_batch = inp.batch_size // budgets.scans
   ds = input_pipeline.packs(source, plan, transform, settings["seed"])

@@ -82,7 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Intensity to about [0, 1]: nuScenes stores 0-255, SemanticKITTI remission 0-1.
   config.input.intensity_scale = 1.0 if kitti else 1.0 / 255.0
   config.input.augment = ml_collections.ConfigDict(
-    {"rotate": True, "flip": True, "scale": (0.95, 1.05)}
+    {"rotate": True, "flip": True, "scale": (0.95, 1.05), "flip_one": 0.0}
   )
   config.input.num_threads = 8
   config.input.prefetch = 8  # batches; grain wants at least num_threads
@@ -120,6 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.num_epochs = 45 if one else 25
     config.input.batch_size = 8
     config.model.drop_path = 0.2
+    config.input.augment.flip_one = 2 / 3  # ScaLR's flip of x or y, 2 times in 3
 
   # Evaluation on every point of the validation scans.
   config.eval = ml_collections.ConfigDict()

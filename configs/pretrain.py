@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.pack_bins = 8
   config.input.intensity_scale = 1.0 / 255.0
   config.input.augment = ml_collections.ConfigDict(
-    {"rotate": True, "flip": True, "scale": (0.95, 1.05)}
+    {"rotate": True, "flip": True, "scale": (0.95, 1.05), "flip_one": 0.0}
   )
   config.input.num_threads = 8
   config.input.prefetch = 8  # batches; grain wants at least num_threads
@@ -78,8 +78,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # distils WaffleIron from one camera a scan.
   scalr_waffleiron = config.model.name == "waffleiron" and recipe == "scalr"
   config.input.cameras_per_scan = 1 if scalr_waffleiron else 0
-  if scalr_waffleiron:  # ScaLR's scaling of +-10%
+  if scalr_waffleiron:  # ScaLR's scaling of +-10%, and its flip of x or y, 2 times in 3
     config.input.augment.scale = (0.9, 1.1)
+    config.input.augment.flip_one = 2 / 3
 
   # Loss.
   config.loss = ml_collections.ConfigDict()

@@ -104,6 +104,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   "model.drop_path": _float(0, 1, high_open=True),
   "data.voxel.knn": NON_NEGATIVE,
   "input.cameras_per_scan": NON_NEGATIVE,
+  "input.augment.flip_one": _float(0, 1),
   "optimizer.warmup_steps": NON_NEGATIVE,
   "optimizer.warmup_epochs": NON_NEGATIVE,
   "optimizer.layer_decay": _float(0, 1, low_open=True),

@@ -322,7 +322,7 @@ def open_data(config: ml_collections.ConfigDict, data_sharding):
   for store, role in ((buckets, "fine-tuning"), (val_buckets, "evaluation")):
     input_pipeline.require_labels(store, role, every=store is val_buckets)
   budgets = runtime.pack_budgets(config, buckets, inp.pack_size)
-  augment = input_pipeline.Augment(inp.augment.rotate, inp.augment.flip, tuple(inp.augment.scale))
+  augment = input_pipeline.Augment.from_config(inp.augment)
   transform = input_pipeline.Transform(0, inp.intensity_scale, augment=augment)
   packs = inp.batch_size // inp.pack_size
   index, count = distributed.batch_slice(data_sharding, packs)

@@ -71,6 +71,14 @@ class Augment:
   rotate: bool = True  # uniform yaw in [-pi, pi)
   flip: bool = True  # x and y mirrored with probability 1/2 each
   scale: tuple[float, float] = (0.95, 1.05)  # uniform isotropic scale
+  # > 0: instead, with this probability one of x or y (drawn evenly) is mirrored, never both
+  # (ScaLR's FlipXY applied with probability 2/3).
+  flip_one: float = 0.0
+
+  @classmethod
+  def from_config(cls, augment) -> "Augment":
+    """From a config's `input.augment` block (`flip_one` 0 where a run predates it)."""
+    return cls(augment.rotate, augment.flip, tuple(augment.scale), augment.get("flip_one", 0.0))
 
 
 def _augment(xyz: np.ndarray, augment: Augment, rng: np.random.Generator) -> np.ndarray:
@@ -79,7 +87,10 @@ def _augment(xyz: np.ndarray, augment: Augment, rng: np.random.Generator) -> np.
     angle = rng.uniform(-np.pi, np.pi)
     c, s = np.cos(angle), np.sin(angle)
     out[:, :2] = out[:, :2] @ np.array([[c, s], [-s, c]], np.float32)
-  if augment.flip:
+  if augment.flip_one:
+    if rng.random() < augment.flip_one:
+      out[:, rng.integers(2)] *= np.float32(-1.0)
+  elif augment.flip:
     out[:, :2] *= np.where(rng.random(2) < 0.5, -1.0, 1.0).astype(np.float32)
   return out * np.float32(rng.uniform(*augment.scale))
 

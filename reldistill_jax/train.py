@@ -99,7 +99,7 @@ def open_data(config: ml_collections.ConfigDict, data_sharding):
     inp.num_pairs,
     inp.intensity_scale,
     grid=tuple(store.config["grid"]),
-    augment=input_pipeline.Augment(inp.augment.rotate, inp.augment.flip, tuple(inp.augment.scale)),
+    augment=input_pipeline.Augment.from_config(inp.augment),
     cameras_per_scan=crop,
   )
   # This process's block of every step's packs: the rows its devices hold.

@@ -23,7 +23,12 @@ from reldistill_jax import errors, files, workdir_lock
 
 # Fields added to the configs after runs were started without them, and the value that
 # behaves as those runs did: a restart with that value is no change.
-LEGACY_FIELDS = {"head": "linear", "input.cameras_per_scan": 0, "data.voxel.knn": 0}
+LEGACY_FIELDS = {
+  "head": "linear",
+  "input.cameras_per_scan": 0,
+  "input.augment.flip_one": 0.0,
+  "data.voxel.knn": 0,
+}
 CONFIG_FILE = "config.json"
 CONFIG_CHANGES_FILE = "config_changes.jsonl"
 # Fields that only extend or observe a run: they may change on a restart (logged).

@@ -99,3 +99,15 @@ def test_pretraining_on_one_camera_a_scan_runs_in_smaller_packs(small_training_d
   assert all(c < w for c, w in zip(cropped.tokens, whole.tokens, strict=True))
   out = train.train_and_evaluate(config, tmp_path)
   assert np.isfinite(out["measurements"]["loss"]) and out["measurements"]["pairs"] > 0
+
+
+def test_scalrs_flip_mirrors_one_axis_two_times_in_three():
+  xyz = np.array([[1.0, 2.0, 3.0]], np.float32)
+  augment = input_pipeline.Augment(rotate=False, flip=True, scale=(1.0, 1.0), flip_one=2 / 3)
+  seen = [
+    tuple(input_pipeline._augment(xyz, augment, np.random.default_rng(i))[0]) for i in range(3000)
+  ]
+  counts = {s: seen.count(s) for s in set(seen)}
+  assert set(counts) == {(1.0, 2.0, 3.0), (-1.0, 2.0, 3.0), (1.0, -2.0, 3.0)}  # never both
+  for flipped in ((-1.0, 2.0, 3.0), (1.0, -2.0, 3.0)):
+    assert abs(counts[flipped] / 3000 - 1 / 3) < 0.03

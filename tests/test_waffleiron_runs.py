@@ -170,5 +170,6 @@ def test_scalrs_pretraining_recipe_for_waffleiron():
   )  # fmt: skip
   assert config.model.norm == "layer" and config.input.cameras_per_scan == 1
   assert tuple(config.input.augment.scale) == (0.9, 1.1)
+  assert config.input.augment.flip_one == pytest.approx(2 / 3)
   other = pretrain_config_module.get_config("loss=similarity,teacher=dinov2_vitb14")
   assert other.loss.similarity == "cosine" and other.input.cameras_per_scan == 0
