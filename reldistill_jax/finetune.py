@@ -209,7 +209,7 @@ def _labels(params: dict) -> dict:
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int, encoder: nn.Module):
   """SGD with momentum, weight decay and cosine decay, one learning rate per part; or, with
   `config.optimizer.name="adamw"` (a WaffleIron), ScaLR's AdamW with layer-wise decay
-  (`scalr_finetune`).
+  (`scalr_finetune`; the encoder's schedule shown is its last layer's).
 
   Returns:
     (tx, schedules): the transform over {"encoder", "head"} parameters, and
@@ -217,23 +217,24 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int, encoder: n
     probe, whose encoder updates are exactly zero).
   """
   opt = config.optimizer
-  if opt.get("name", "sgd") == "adamw":
-    depth, _, _, grids = encoder.sizes()
-    warmup = round(num_steps * opt.warmup_epochs / config.num_epochs)
-    return scalr_finetune.make_optimizer(
-      opt, num_steps, warmup, depth, len(grids), frozen=config.mode == "linear"
-    )
 
   def sgd(lr):
     schedule = optax.cosine_decay_schedule(lr, max(num_steps, 1))
     tx = runtime.sgd(schedule, opt.momentum, opt.get("dampening", 0.0), opt.weight_decay)
     return tx, schedule
 
-  head_tx, head_schedule = sgd(opt.head_lr)
+  if opt.get("name", "sgd") == "adamw":
+    depth, _, _, grids = encoder.sizes()
+    warmup = round(num_steps * opt.warmup_epochs / config.num_epochs)
+    head_tx, head_schedule = scalr_finetune.make_optimizer(
+      opt, num_steps, warmup, depth, len(grids)
+    )
+    encoder_tx, encoder_schedule = head_tx, lambda step: head_schedule(step) * opt.layer_decay
+  else:
+    head_tx, head_schedule = sgd(opt.head_lr)
+    encoder_tx, encoder_schedule = sgd(opt.encoder_lr)
   if config.mode == "linear":
     encoder_tx, encoder_schedule = optax.set_to_zero(), optax.constant_schedule(0.0)
-  else:
-    encoder_tx, encoder_schedule = sgd(opt.encoder_lr)
   tx = optax.multi_transform({"encoder": encoder_tx, "head": head_tx}, _labels)
   if opt.clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(opt.clip_norm), tx)

@@ -56,31 +56,37 @@ def _crop_stage(record, s: int, keep: np.ndarray, new: np.ndarray) -> dict[str, 
   return out
 
 
+def _kept(record: Mapping[str, Any], chosen: np.ndarray) -> list[np.ndarray]:
+  """Per stage, the voxels a crop keeps: at stage 0 those of the `chosen` pairs, at stage
+  s + 1 the parents of the kept voxels of stage s."""
+  keep = np.zeros(len(record["features"]), bool)
+  keep[record["pairs_voxel"][chosen]] = True
+  kept = [keep]
+  for s in range(_stages(record) - 1):
+    keep = np.zeros(record[f"s{s + 1}/order"].shape[1], bool)
+    keep[record[f"s{s}/parent"][kept[-1]]] = True
+    kept.append(keep)
+  return kept
+
+
 def crop(record: Mapping[str, Any], cameras: Sequence[int]) -> dict[str, Any]:
   """The record of the scan's voxels in the frustums of `cameras` (module docstring)."""
   chosen = np.isin(record["pairs_camera"], np.asarray(cameras))
-  keep = np.zeros(len(record["features"]), bool)
-  keep[record["pairs_voxel"][chosen]] = True
+  kept = _kept(record, chosen)
+  news = [_renumber(keep) for keep in kept]
   out = {k: v for k, v in record.items() if "/" not in k}
   for key in ("point_to_voxel", "point_labels"):
     out.pop(key, None)
-  new = _renumber(keep)
-  out["features"], out["labels"] = record["features"][keep], record["labels"][keep]
-  out["pairs_voxel"] = new[record["pairs_voxel"][chosen]].astype(np.int32)
+  out["features"], out["labels"] = record["features"][kept[0]], record["labels"][kept[0]]
+  out["pairs_voxel"] = news[0][record["pairs_voxel"][chosen]].astype(np.int32)
   out["pairs_camera"] = record["pairs_camera"][chosen]
   out["pairs_uv"] = record["pairs_uv"][chosen]
-  counts = []
-  for s in range(_stages(record)):
+  for s, (keep, new) in enumerate(zip(kept, news, strict=True)):
     out.update(_crop_stage(record, s, keep, new))
-    counts.append(int(keep.sum()))
-    if f"s{s}/parent" in record:
-      parents = record[f"s{s}/parent"][keep]
-      keep = np.zeros(record[f"s{s + 1}/order"].shape[1], bool)
-      keep[parents] = True
-      new = _renumber(keep)
-      out[f"s{s}/parent"] = new[parents].astype(np.int32)
-  out["counts"] = np.asarray(counts, np.int32)
-  out["num_voxels"] = counts[0]
+    if s + 1 < len(kept):
+      out[f"s{s}/parent"] = news[s + 1][record[f"s{s}/parent"][keep]].astype(np.int32)
+  out["counts"] = np.asarray([keep.sum() for keep in kept], np.int32)
+  out["num_voxels"] = int(out["counts"][0])
   if "knn" in record:
     k = record["knn"].shape[1]
     out["knn"] = waffleiron_inputs.knn_indices(out["features"][:, :3], k)
@@ -90,16 +96,7 @@ def crop(record: Mapping[str, Any], cameras: Sequence[int]) -> dict[str, Any]:
 def crop_counts(record: Mapping[str, Any], cameras: Sequence[int]) -> list[int]:
   """The voxels of every stage that `crop(record, cameras)` keeps, without building it."""
   chosen = np.isin(record["pairs_camera"], np.asarray(cameras))
-  keep = np.zeros(len(record["features"]), bool)
-  keep[record["pairs_voxel"][chosen]] = True
-  counts = []
-  for s in range(_stages(record)):
-    counts.append(int(keep.sum()))
-    if f"s{s}/parent" in record:
-      parents = record[f"s{s}/parent"][keep]
-      keep = np.zeros(record[f"s{s + 1}/order"].shape[1], bool)
-      keep[parents] = True
-  return counts
+  return [int(keep.sum()) for keep in _kept(record, chosen)]
 
 
 def largest_crop(record: Mapping[str, Any]) -> list[int]:

@@ -95,17 +95,17 @@ def _decayed(params) -> dict:
   return jax.tree_util.tree_map_with_path(rule, params)
 
 
-def make_optimizer(opt, num_steps: int, warmup_steps: int, depth: int, planes: int, frozen: bool):
-  """AdamW with layer-wise learning-rate decay over {"encoder", "head"} (module docstring).
+def make_optimizer(opt, num_steps: int, warmup_steps: int, depth: int, planes: int):
+  """AdamW with layer-wise learning-rate decay over {"encoder", "head"} (module docstring);
+  `finetune.make_optimizer` freezes the encoder of a linear probe and clips.
 
   Args:
-    opt: `config.optimizer` (`lr`, `weight_decay`, `layer_decay`, `clip_norm`).
+    opt: `config.optimizer` (`lr`, `weight_decay`, `layer_decay`).
     num_steps, warmup_steps: the schedule's length and warm-up.
     depth, planes: the WaffleIron's L and its planes (the stacking of its layers).
-    frozen: a linear probe: the encoder's updates are zero.
 
   Returns:
-    (tx, {"head": schedule, "encoder": its schedule at the last layer's scale}).
+    (tx, the head's schedule).
   """
   schedule = optax.warmup_cosine_decay_schedule(
     0.0, opt.lr, min(warmup_steps, max(num_steps - 1, 1)), max(num_steps, 2)
@@ -116,13 +116,4 @@ def make_optimizer(opt, num_steps: int, warmup_steps: int, depth: int, planes: i
     _scale_by_layer(depth, planes, opt.layer_decay),
     optax.scale_by_learning_rate(schedule),
   )
-  if frozen:
-    labels = lambda params: {
-      part: jax.tree.map(lambda _, p=part: p, t) for part, t in params.items()
-    }
-    tx = optax.multi_transform({"encoder": optax.set_to_zero(), "head": tx}, labels)
-  if opt.clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(opt.clip_norm), tx)
-  last_layer = opt.layer_decay
-  encoder = optax.constant_schedule(0.0) if frozen else (lambda step: schedule(step) * last_layer)
-  return tx, {"head": schedule, "encoder": encoder}
+  return tx, schedule

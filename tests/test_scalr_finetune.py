@@ -5,13 +5,24 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from reldistill_jax import scalr_finetune
+from reldistill_jax import finetune, scalr_finetune
 from reldistill_jax.models import waffleiron
+
+
+def _model(depth: int = 6) -> waffleiron.Model:
+  return waffleiron.Model(variant=None, depth=depth, width=8, out_dim=4, grids=((4, 4),) * 3)
+
+
+def _optimizer(depth: int, mode: str, **opt):
+  """`finetune.make_optimizer` of ScaLR's recipe over 10 steps without warm-up."""
+  optimizer = {"name": "adamw", "warmup_epochs": 0, **opt}
+  config = ml_collections.ConfigDict({"optimizer": optimizer, "num_epochs": 10, "mode": mode})
+  return finetune.make_optimizer(config, 10, _model(depth))
 
 
 def _params(depth: int = 6):
   """A WaffleIron of `depth` layers (stacked 3 at a time: 2 groups) and a BN + zero head."""
-  model = waffleiron.Model(variant=None, depth=depth, width=8, out_dim=4, grids=((4, 4),) * 3)
+  model = _model(depth)
   shapes = waffleiron.example_batch(4, 64, 1)
   batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
   encoder = jax.eval_shape(model.init, jax.random.key(0), shapes)["params"]
@@ -59,10 +70,9 @@ def test_layer_scales_follow_scalr_layer_ids():
 def test_the_first_adamw_step_is_the_scaled_sign_with_decay_on_matrices_only():
   depth, decay, lr, wd = 6, 0.9, 1e-2, 0.1
   params = _params(depth)
-  opt = ml_collections.ConfigDict(
-    {"lr": lr, "weight_decay": wd, "layer_decay": decay, "clip_norm": 0.0}
+  tx, schedules = _optimizer(
+    depth, "finetune", lr=lr, weight_decay=wd, layer_decay=decay, clip_norm=0.0
   )
-  tx, schedules = scalr_finetune.make_optimizer(opt, 10, 0, depth, 3, frozen=False)
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
   updates, _ = tx.update(grads, tx.init(params), params)
   scales = scalr_finetune.layer_scales(params, depth, 3, decay)
@@ -80,10 +90,9 @@ def test_the_first_adamw_step_is_the_scaled_sign_with_decay_on_matrices_only():
 
 def test_a_linear_probe_leaves_the_encoder_unchanged():
   params = _params()
-  opt = ml_collections.ConfigDict(
-    {"lr": 1e-2, "weight_decay": 0.0, "layer_decay": 0.95, "clip_norm": 1.0}
+  tx, schedules = _optimizer(
+    6, "linear", lr=1e-2, weight_decay=0.0, layer_decay=0.95, clip_norm=1.0
   )
-  tx, schedules = scalr_finetune.make_optimizer(opt, 10, 0, 6, 3, frozen=True)
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates["encoder"]))

@@ -477,9 +477,7 @@ class Model(nn.Module):
     aux = {"embedding": x}
     mix = dict(norm=self.norm, momentum=self.bn_momentum, activation=self.activation,
                drop_path=self.drop_path, dtype=self.dtype)  # fmt: skip
-    # Rematerialised: the backward pass recomputes each group of layers from its input, so
-    # training keeps one (T, F) array a group instead of every layer's grids and activations.
-    stack = nn.scan(
+    stack = nn.scan(  # rematerialised with `remat` (its docstring)
       nn.remat(_Layers) if self.remat else _Layers,
       variable_axes={"params": 0, "batch_stats": 0},
       split_rngs={"params": True, "dropout": True},
