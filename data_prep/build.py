@@ -8,11 +8,13 @@ Reads the raw dataset under --manual_dir (a nuScenes dataroot, or a
 SemanticKITTI folder holding sequences/) and writes OUT/<builder>/<config>/
 <version>/ (ArrayRecord shards plus TFDS metadata). For nuscenes_lidarseg
 without --config, every version folder found in the dataroot is built. A split
-already built is reused, never overwritten; an interrupted build leaves only an
-`incomplete.*` folder that the next run replaces.
+already built is reused, never overwritten. A build stopped by an exception, SIGTERM
+or Ctrl-C removes its `incomplete.*` folder; one killed outright leaves it, and the
+next run replaces it.
 """
 
 import pathlib
+import shutil
 
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
@@ -59,13 +61,28 @@ def build(builder: str, manual_dir: str, data_dir: str, config: str | None = Non
       known = {c.name: c for c in cls.BUILDER_CONFIGS}
       cfg = known.get(name) or tfds.core.BuilderConfig(name=name, description=f"nuScenes {name}.")
       dataset = cls(data_dir=data_dir, config=cfg, file_format="array_record")
-    dataset.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(manual))
-    )
+    _prepare(dataset, manual)
     splits = {k: v.num_examples for k, v in dataset.info.splits.items()}
     logging.info("%s: %s", dataset.data_dir, splits)
     written.append(dataset.data_dir)
   return written
+
+
+def _prepare(dataset: tfds.core.DatasetBuilder, manual: pathlib.Path) -> None:
+  """`download_and_prepare`, and on any stop the `incomplete.*` folders it began removed:
+  TFDS removes its own, except when the stop lands between its creating the folder and
+  its `try` or in its `finally`."""
+  parent = pathlib.Path(dataset.data_dir).parent
+  before = set(parent.glob("incomplete.*"))
+  try:
+    dataset.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(manual))
+    )
+  except BaseException:
+    with cli.signals_deferred():
+      for folder in set(parent.glob("incomplete.*")) - before:
+        shutil.rmtree(folder, ignore_errors=True)
+    raise
 
 
 def main(argv: list[str]) -> None:

@@ -1,5 +1,6 @@
 """The nuScenes builder on the real keyframe, the label map, and bad inputs."""
 
+import contextlib
 import json
 import pathlib
 import re
@@ -12,7 +13,7 @@ import pytest
 
 from data_prep import build, nuscenes
 from data_prep.builders import data_source, nuscenes_lidarseg
-from reldistill_jax import classes
+from reldistill_jax import classes, errors
 
 DEMO = "mmdetection3d-nuscenes-demo"
 VERSION = "v1.0-mini-subset"
@@ -287,3 +288,26 @@ def test_errors_surface_through_the_build_and_write_nothing(dataroot, tmp_path):
     build.build("nuscenes_lidarseg", str(dataroot), str(tmp_path / "out"))
   assert not list((tmp_path / "out").rglob("*.array_record*"))
   assert not list((tmp_path / "out").rglob("dataset_info.json"))
+
+
+def test_a_build_stopped_between_tfds_creating_its_folder_and_its_try_leaves_none(
+  dataroot, tmp_path, monkeypatch
+):
+  """TFDS removes its `incomplete.*` folder in a `finally`, which a SIGTERM landing just
+  after the folder is made, before the `try`, misses: the build removes it itself."""
+  from tensorflow_datasets.core import utils as tfds_utils
+
+  stale = tmp_path / "out" / "nuscenes_lidarseg" / VERSION / "incomplete.KILLED_1.0.0"
+  stale.mkdir(parents=True)  # a run killed outright: the next one replaces it, not this
+
+  @contextlib.contextmanager
+  def stopped_after_mkdir(dirname, **_):
+    folder = pathlib.Path(dirname).parent / f"incomplete.STOPPED_{pathlib.Path(dirname).name}"
+    folder.mkdir(parents=True)
+    raise errors.Terminated()
+    yield str(folder)
+
+  monkeypatch.setattr(tfds_utils, "incomplete_dir", stopped_after_mkdir)
+  with pytest.raises(errors.Terminated):
+    build.build("nuscenes_lidarseg", str(dataroot), str(tmp_path / "out"))
+  assert sorted(p.name for p in (tmp_path / "out").rglob("incomplete.*")) == [stale.name]
