@@ -118,6 +118,24 @@ def run_at_once(
   return out
 
 
+class RunsInGroups:
+  """key -> the finished run of `python *args`, as `run_at_once` gives, for many commands:
+  they run `group` at a time, a group's processes started at once when a test first asks
+  for one of its keys, so that no one test waits on every command."""
+
+  def __init__(self, commands: dict, cwd: pathlib.Path, env: dict | None = None, group: int = 2):
+    keys = list(commands)
+    self._groups = [keys[i : i + group] for i in range(0, len(keys), group)]
+    self._commands, self._cwd, self._env = commands, cwd, env
+    self._done: dict[object, subprocess.CompletedProcess] = {}
+
+  def __getitem__(self, key) -> subprocess.CompletedProcess:
+    if key not in self._done:
+      (group,) = [g for g in self._groups if key in g]
+      self._done.update(run_at_once({k: self._commands[k] for k in group}, self._cwd, self._env))
+    return self._done[key]
+
+
 SYNTHETIC_BUILDER = "nuscenes_lidarseg/v1.0-synthetic"
 
 

@@ -12,15 +12,28 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SYNTHETIC_BUILDER, run_at_once, xla_flags
+from conftest import (
+  PRETRAIN_OVERRIDES,
+  SYNTHETIC_BUILDER,
+  RunsInGroups,
+  pretrain_config,
+  xla_flags,
+)
 
-from configs import pretrain
 from reldistill_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PRETRAIN = (
   "--config=configs/pretrain.py:loss=relational,teacher=synthetic,dataset=synthetic,runlocal"
 )
+
+
+# `conftest.pretrain_config` as flags (patch size and mesh are `_pretrain`'s own).
+COMMON = [
+  f"--config.{k}={v}"
+  for k, v in PRETRAIN_OVERRIDES.items()
+  if k not in ("model.patch_size", "mesh.data")
+]
 
 
 def _env() -> dict[str, str]:
@@ -72,19 +85,21 @@ BAD_VALUES = [
 
 
 @pytest.fixture(scope="module")
-def bad_value_runs(small_training_data, tmp_path_factory) -> dict[str, tuple]:
-  """override -> (its run, its workdir): the runs started at once (each is mostly imports)."""
+def bad_value_runs(small_training_data, tmp_path_factory) -> tuple[RunsInGroups, dict]:
+  """(override -> its run, override -> its workdir): the runs started a few at once (each
+  is mostly imports)."""
   root = tmp_path_factory.mktemp("bad_values")
   workdirs = {override: root / str(i) / "run" for i, (override, _) in enumerate(BAD_VALUES)}
-  runs = run_at_once(
+  runs = RunsInGroups(
     {o: ["-m", *_pretrain(small_training_data, w, o)] for o, w in workdirs.items()}, REPO, _env()
   )
-  return {o: (runs[o], workdirs[o]) for o in workdirs}
+  return runs, workdirs
 
 
 @pytest.mark.parametrize("override, named", BAD_VALUES)
 def test_bad_config_values_are_one_line(bad_value_runs, override, named):
-  proc, workdir = bad_value_runs[override]
+  runs, workdirs = bad_value_runs
+  proc, workdir = runs[override], workdirs[override]
   _one_line_error(proc, *named)
   assert not workdir.exists()  # checked before the workdir is created
 
@@ -118,28 +133,31 @@ def test_an_empty_split_is_named(pipeline, tmp_path):
   assert not (tmp_path / "out").exists()
 
 
-def test_a_changed_config_is_refused_through_the_entry_point(small_training_data, tmp_path):
-  # The first run, in this process, with the config the entry point builds from these flags.
-  config = pretrain.get_config(PRETRAIN.split(":", 1)[1])
-  config.input.buckets = str(small_training_data["buckets"])
-  config.input.features = str(small_training_data["features"])
-  config.model.patch_size, config.mesh.data, config.num_steps = 128, 1, 1
-  workdir, copy = tmp_path / "run", tmp_path / "copy"
+@pytest.fixture(scope="module")
+def one_step_run(small_training_data, tmp_path_factory) -> pathlib.Path:
+  """The workdir of a finished one-step run, in this process, with the config the entry
+  point builds from `_pretrain`'s flags and `--config.num_steps=1`."""
+  config = pretrain_config(small_training_data, num_steps=1)
+  workdir = tmp_path_factory.mktemp("one_step") / "run"
   train.train_and_evaluate(config, workdir)
-  shutil.copytree(workdir, copy)
+  return workdir
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_changed_config_is_refused_through_the_entry_point(
+  one_step_run, small_training_data, tmp_path, verbose
+):
+  workdir = tmp_path / "run"
+  shutil.copytree(one_step_run, workdir)
   before = sorted(p.name for p in workdir.rglob("*"))
-  # The refusal, and with --verbose the same error with its traceback (both at once, each in
-  # its own workdir: a workdir takes one run at a time).
-  args = {
-    verbose: _pretrain(
-      small_training_data, folder, "--config.num_steps=1", "--config.loss.name=contrastive"
-    )
-    for verbose, folder in (((), workdir), (("--verbose",), copy))
-  }
-  runs = run_at_once({v: ["-m", *a, *v] for v, a in args.items()}, REPO, _env())
-  changed, verbose = runs[()], runs[("--verbose",)]
-  _one_line_error(changed, "loss.name: 'relational' -> 'contrastive'", "--override_config")
-  assert verbose.returncode == 2 and "Traceback" in verbose.stderr
+  changed = "--config.loss.name=contrastive"
+  args = _pretrain(small_training_data, workdir, *COMMON, "--config.num_steps=1", changed)
+  proc = _run([*args, *(["--verbose"] if verbose else [])])
+  if verbose:  # the same error with its traceback
+    assert proc.returncode == 2 and "Traceback" in proc.stderr, proc.stderr[-3000:]
+    assert "loss.name: 'relational' -> 'contrastive'" in proc.stderr
+  else:
+    _one_line_error(proc, "loss.name: 'relational' -> 'contrastive'", "--override_config")
   assert sorted(p.name for p in workdir.rglob("*")) == before
 
 
@@ -150,7 +168,7 @@ def test_a_corrupt_store_met_in_training_is_one_line(small_training_data, tmp_pa
   raw = bytearray(shard.read_bytes())
   raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
   shard.write_bytes(bytes(raw))
-  proc = _run(_pretrain(data, tmp_path / "run", "--config.num_steps=2"))
+  proc = _run(_pretrain(data, tmp_path / "run", *COMMON))
   _one_line_error(proc, shard.name, "rerun the command that writes the store")
 
 

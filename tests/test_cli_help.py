@@ -1,10 +1,9 @@
 """Every command line has a --help that says what it reads and what it writes."""
 
 import pathlib
-import subprocess
 
 import pytest
-from conftest import run_at_once
+from conftest import RunsInGroups
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # command -> whether it reads input files (else it only generates or measures).
@@ -36,9 +35,9 @@ def test_every_cli_is_listed():
 
 
 @pytest.fixture(scope="module")
-def helps() -> dict[str, subprocess.CompletedProcess]:
-  """Every command's --help, the processes started at once (each is mostly imports)."""
-  return run_at_once({command: [*command.split(), "--help"] for command in CLIS}, ROOT)
+def helps() -> RunsInGroups:
+  """Every command's --help, the processes started a few at once (each is mostly imports)."""
+  return RunsInGroups({command: [*command.split(), "--help"] for command in CLIS}, ROOT)
 
 
 @pytest.mark.parametrize("command", list(CLIS))
