@@ -13,7 +13,10 @@ fine-tuning recipe):
                                  its own data, `W/data_<size>m_<stages>stages`)
   head_lr=0.2, encoder_lr=0.02   the fine-tuning rates
   batch_size=4                   scans per step
-Default setting: `study:` (the study's own student and data).
+  teacher_confusion=0.8          the synthetic teacher's imperfection
+  teacher_noise=0.5              (`config.data.teacher`; its own feature stores)
+Default setting: `study:` (the study's own student and data). With
+`--fractions=` nothing is trained: the teacher's ceiling only.
 
 For every setting and fraction (`100pct`: every labelled training scan, the
 supervised bound; `1pct`: the world's 1% subset, the from-scratch baseline of
@@ -67,7 +70,10 @@ _EPOCHS = flags.DEFINE_integer("epochs", 100, "Fine-tuning epochs of every run."
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 50, "Steps between two validation points.")
 _SCENES = flags.DEFINE_integer("world_scenes", 0, "Scenes of the world (0: the study's).")
 
-LEVERS = ("variant", "model", "voxel_size", "head_lr", "encoder_lr", "batch_size")
+LEVERS = (
+  "variant", "model", "voxel_size", "head_lr", "encoder_lr", "batch_size", "teacher_confusion",
+  "teacher_noise",
+)  # fmt: skip
 
 
 def parse_setting(text: str) -> tuple[str, dict]:
@@ -96,6 +102,9 @@ def data_config(workdir: pathlib.Path, values: dict, scenes: int):
   config.data.voxel.voxel_size = voxel
   config.data.root = str(workdir / f"data_{voxel:g}m_{config.data.voxel.num_stages}stages")
   config.data.world.scenes = scenes or config.data.world.scenes
+  for key in ("confusion", "noise"):
+    if f"teacher_{key}" in values:
+      config.data.teacher[key] = values[f"teacher_{key}"]
   return config
 
 
@@ -175,6 +184,7 @@ def measure(workdir: pathlib.Path, text: str, fractions, epochs: int, every: int
   config = data_config(workdir, values, scenes)
   paths = pipeline.prepare_synthetic_data(config, workdir)
   out = {"name": name, "levers": values, "voxel_size": config.data.voxel.voxel_size,
+         "teacher": pipeline.teacher_imperfection(config),
          "teacher_ceiling": teacher_ceiling(config, paths), "runs": {}}  # fmt: skip
   for fraction in fractions:
     ft = finetune_config(config, paths, values, fraction, epochs, every)
@@ -215,6 +225,8 @@ def main(argv):
   print("| setting | ceiling | fraction | steps | s/step | final mIoU | converged |")
   print("|---|---|---|---|---|---|---|")
   for r in results:
+    if not r["runs"]:  # the teacher's ceiling only
+      print(f"| {r['name']} | {100 * r['teacher_ceiling']['miou']:.1f} | - | - | - | - | - |")
     for fraction, run in r["runs"].items():
       print(
         f"| {r['name']} | {100 * r['teacher_ceiling']['miou']:.1f} | {fraction} | "

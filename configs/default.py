@@ -18,6 +18,7 @@ its variant and recipe, so expect a slower run).
 import ml_collections
 
 from configs import common, finetune, pretrain
+from reldistill_jax import teachers
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -40,6 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "cameras": True,
     }
   )
+  # The synthetic teacher's imperfection: how far a class leans towards a group-mate, and the
+  # feature noise (`teachers.SyntheticTeacher`); other settings get their own feature stores.
+  config.data.teacher = ml_collections.ConfigDict(teachers.SYNTHETIC_IMPERFECTION)
   # Coarser than the field's 0.1 m so a CPU trains in minutes (about 10k voxels a scan).
   config.data.voxel = ml_collections.ConfigDict(
     {

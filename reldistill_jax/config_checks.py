@@ -117,6 +117,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   "eval.empty": _choice(tuple(segmentation.EMPTY_CONVENTIONS)),
   "checkpoint.every": POSITIVE,
   "checkpoint.keep": POSITIVE,
+  "data.teacher.confusion": _float(0, 1),
+  "data.teacher.noise": _float(0),
   "data.world.scenes": POSITIVE,
   "data.world.samples_per_scene": POSITIVE,
   "data.workers": POSITIVE,

@@ -14,6 +14,9 @@
                                   the same two parametrize splits); none for
                                   a world without cameras
   workdir/data/text.npz           the teacher's class text embeddings (idem)
+                                  (both under workdir/data/teacher_<settings>/ for
+                                  a teacher less or more imperfect than the
+                                  default: `config.data.teacher`)
   workdir/pretrain                the pretraining run (checkpoints, tensorboard)
   workdir/fewshot                 the 1% fine-tuning run
   workdir/metrics.json, report.md, plots/
@@ -73,16 +76,31 @@ def data_paths(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -
   features/<split> for SPLITS and PARAMETRIZE_SPLITS, text.
   """
   root = pathlib.Path(config.data.root or pathlib.Path(workdir) / "data")
+  teacher = root / teacher_folder(config)
   paths = {
     "world": root / "world",
     "tfds": root / "tfds",
     "builder": f"nuscenes_lidarseg/{config.data.world.version}",
-    "text": root / "text.npz",
+    "text": teacher / "text.npz",
   }
   for split in SPLITS + PARAMETRIZE_SPLITS:
     paths[f"buckets/{split}"] = root / "buckets" / split
-    paths[f"features/{split}"] = root / "features" / split
+    paths[f"features/{split}"] = teacher / "features" / split
   return paths
+
+
+def teacher_imperfection(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """The synthetic teacher's settings of `config` (`config.data.teacher`)."""
+  return {**teachers.SYNTHETIC_IMPERFECTION, **config.data.get("teacher", {})}
+
+
+def teacher_folder(config: ml_collections.ConfigDict) -> str:
+  """Where under the data root the teacher's outputs go: "" for the default teacher,
+  `teacher_confusion<c>_noise<n>` for another."""
+  settings = teacher_imperfection(config)
+  if settings == teachers.SYNTHETIC_IMPERFECTION:
+    return ""
+  return "teacher_" + "_".join(f"{k}{v:g}" for k, v in sorted(settings.items()))
 
 
 def prepare_synthetic_data(
@@ -122,7 +140,7 @@ def prepare_synthetic_data(
   if not cameras:
     logging.info("data: a world without cameras: no feature stores or text embeddings")
     return paths
-  teacher = teachers.load("synthetic", world)
+  teacher = teachers.load("synthetic", world, imperfection=teacher_imperfection(config))
   for split in feature_splits:
     teacher_features.write_store(
       teacher,

@@ -381,6 +381,7 @@ def regime(preset: Preset, workdir: pathlib.Path, model: str) -> dict:
     "world": {"scenes": world.scenes, "samples_per_scene": world.samples_per_scene,
               "sensor": world.sensor, "seed": world.seed},
     "voxel_size": config.data.voxel.voxel_size,
+    "teacher": pipeline.teacher_imperfection(config),
     "student": {"name": pre.model.name, "variant": pre.model.variant},
     "batch_size": pre.input.batch_size,
     "pretrain_steps": pre.num_steps,

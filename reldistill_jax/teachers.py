@@ -112,6 +112,11 @@ SKY = "sky"
 OTHER = "other"  # raw ids that map to the ignore class
 
 
+# How imperfect the synthetic teacher is (`SyntheticTeacher`'s `confusion` and `noise`), the
+# defaults of `config.data.teacher`.
+SYNTHETIC_IMPERFECTION = {"confusion": 0.55, "noise": 0.35}
+
+
 class SyntheticTeacher:
   """The teacher of the synthetic world (module docstring).
 
@@ -138,8 +143,8 @@ class SyntheticTeacher:
     feature_dim: int = FEATURE_DIM,
     patch_size: int = 16,
     within_group: float = 0.7,
-    confusion: float = 0.55,
-    noise: float = 0.35,
+    confusion: float = SYNTHETIC_IMPERFECTION["confusion"],
+    noise: float = SYNTHETIC_IMPERFECTION["noise"],
     seed: int = 0,
   ):
     self.world = pathlib.Path(world)
@@ -422,7 +427,10 @@ def feature_dim(name: str) -> int:
 
 
 def load(
-  name: str, weights_path: str | pathlib.Path | None = None, dense: str | None = None
+  name: str,
+  weights_path: str | pathlib.Path | None = None,
+  dense: str | None = None,
+  imperfection: dict | None = None,
 ) -> Teacher:
   """The teacher `name` (module docstring), weights read from local files only.
 
@@ -431,6 +439,8 @@ def load(
     weights_path: the checkpoint (the synthetic teacher: the world's dataroot).
     dense: the dense rule (`vit.DENSE_OUTPUTS`: maskclip, sclip, clearclip,
       naclip for CLIP and SigLIP 2); None for the teacher's default.
+    imperfection: the synthetic teacher's `confusion` and `noise` (None:
+      `SYNTHETIC_IMPERFECTION`); no other teacher takes it.
   """
   if name not in TEACHERS:
     raise errors.ConfigError(f"unknown teacher {name!r}; choose from {sorted(TEACHERS)}")
@@ -439,8 +449,10 @@ def load(
     raise errors.ConfigError(f"teacher {name!r} needs weights_path: {what} (nothing is downloaded)")
   if dense is not None:
     check_dense(name, dense)
+  if imperfection is not None and name != "synthetic":
+    raise errors.ConfigError(f"teacher {name!r} is what it is: only `synthetic` takes settings")
   if name == "synthetic":
-    return SyntheticTeacher(weights_path)
+    return SyntheticTeacher(weights_path, **(imperfection or {}))
   if not pathlib.Path(weights_path).exists():
     raise FileNotFoundError(f"{weights_path}: teacher checkpoint not found")
   return VitTeacher(name, weights_path, dense)

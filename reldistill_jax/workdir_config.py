@@ -28,6 +28,8 @@ LEGACY_FIELDS = {
   "input.cameras_per_scan": 0,
   "input.augment.flip_one": 0.0,
   "data.voxel.knn": 0,
+  "data.teacher.confusion": 0.55,
+  "data.teacher.noise": 0.35,
 }
 CONFIG_FILE = "config.json"
 CONFIG_CHANGES_FILE = "config_changes.jsonl"

@@ -44,6 +44,23 @@ def test_each_setting_has_its_data_and_from_scratch_runs(regime, tmp_path):
     assert (ft.num_epochs, ft.eval.every, ft.input.batch_size, ft.eval.batch_size) == (30, 50, 2, 2)
 
 
+def test_a_teacher_setting_has_its_own_stores_and_the_same_world(regime, tmp_path):
+  from reldistill_jax import pipeline
+
+  study = regime.data_config(tmp_path, {}, 0)
+  levers = regime.parse_setting("weak:teacher_confusion=0.9,teacher_noise=0.6")[1]
+  weak = regime.data_config(tmp_path, levers, 0)
+  assert dict(weak.data.teacher) == {"confusion": 0.9, "noise": 0.6}
+  default, other = pipeline.data_paths(study, tmp_path), pipeline.data_paths(weak, tmp_path)
+  assert other["features/val"] == pathlib.Path(
+    weak.data.root, "teacher_confusion0.9_noise0.6", "features", "val"
+  )
+  assert other["text"].parent == other["features/val"].parent.parent
+  assert default["features/val"] == pathlib.Path(study.data.root, "features", "val")
+  for key in ("world", "tfds", "buckets/train", "buckets/val"):  # one world and one voxelising
+    assert other[key] == default[key]
+
+
 def test_a_finished_run_is_read_into_its_curve_and_step_time(regime, tmp_path):
   rows = [{"step": 10, "loss": 2.0, "step_time": 1.0, "compile_time": 9.0},
           {"step": 20, "loss": 1.5, "step_time": 3.0}, {"step": 20, "val_miou": 0.2},

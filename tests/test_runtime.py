@@ -43,6 +43,23 @@ def test_a_field_newer_than_the_run_is_no_change_at_its_old_behaviour(tmp_path):
     workdir_config.record_config(_config(**{"input.cameras_per_scan": 1}), tmp_path)
 
 
+def test_a_default_run_from_before_the_teachers_settings_restarts_with_its_teacher(tmp_path):
+  """configs/default.py's `data.teacher` is absent from older runs, whose teacher was the
+  default one: the same values are no change, others are refused."""
+  from configs import default
+
+  workdir_config.record_config(default.get_config("runlocal"), tmp_path)
+  recorded = json.loads((tmp_path / "config.json").read_text())
+  del recorded["data"]["teacher"]
+  (tmp_path / "config.json").write_text(json.dumps(recorded))
+  workdir_config.record_config(default.get_config("runlocal"), tmp_path)
+  assert _changes(tmp_path) == []
+  weaker = default.get_config("runlocal")
+  weaker.data.teacher.noise = 0.8
+  with pytest.raises(errors.ConfigError, match=r"data.teacher.noise: '<absent>' -> 0.8"):
+    workdir_config.record_config(weaker, tmp_path)
+
+
 def test_a_restart_with_a_changed_config_is_refused_naming_each_field(tmp_path):
   workdir_config.record_config(_config(), tmp_path)
   started = json.loads((tmp_path / "config.json").read_text())
