@@ -12,6 +12,7 @@ fine-tuning recipe):
   voxel_size=0.3                 the voxel grid (each size and stage count has
                                  its own data, `W/data_<size>m_<stages>stages`)
   head_lr=0.2, encoder_lr=0.02   the fine-tuning rates
+  clip_norm=1                    gradient clipping (0: none, the recipe's)
   batch_size=4                   scans per step
   teacher_confusion=0.8          the synthetic teacher's imperfection
   teacher_noise=0.5              (`config.data.teacher`; its own feature stores)
@@ -71,8 +72,8 @@ _EVAL_EVERY = flags.DEFINE_integer("eval_every", 50, "Steps between two validati
 _SCENES = flags.DEFINE_integer("world_scenes", 0, "Scenes of the world (0: the study's).")
 
 LEVERS = (
-  "variant", "model", "voxel_size", "head_lr", "encoder_lr", "batch_size", "teacher_confusion",
-  "teacher_noise",
+  "variant", "model", "voxel_size", "head_lr", "encoder_lr", "clip_norm", "batch_size",
+  "teacher_confusion", "teacher_noise",
 )  # fmt: skip
 
 
@@ -122,7 +123,7 @@ def finetune_config(config, paths: dict, values: dict, fraction: str, epochs: in
     ft.model.variant = values["variant"]
   if "batch_size" in values:
     ft.input.batch_size = ft.input.pack_size = ft.eval.batch_size = int(values["batch_size"])
-  for key in ("head_lr", "encoder_lr"):
+  for key in ("head_lr", "encoder_lr", "clip_norm"):
     if key in values:
       ft.optimizer[key] = values[key]
   ft.num_epochs = epochs
@@ -215,7 +216,10 @@ def main(argv):
     r["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     r["command"] = " ".join(["benchmarks/regime.py", *sys.argv[1:]])
   path = pathlib.Path(out)
-  earlier = json.loads(path.read_text())["results"] if path.is_file() else []
+  earlier = json.loads(path.read_text()) if path.is_file() else {"results": []}
+  for r in earlier["results"]:  # a file of one setting kept its provenance at the top
+    r.update({k: earlier[k] for k in ("machine", "date", "command") if k in earlier} | r)
+  earlier = earlier["results"]
   kept = [r for r in earlier if r["name"] not in {n["name"] for n in results}]
   report = {
     "benchmark": "the study's regime: its student from scratch, mIoU against steps",

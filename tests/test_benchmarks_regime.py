@@ -37,8 +37,9 @@ def test_each_setting_has_its_data_and_from_scratch_runs(regime, tmp_path):
                                   ("1pct", "train_1pct", "slidr_scene_1pct")):  # fmt: skip
     ft = regime.finetune_config(
       regime.data_config(tmp_path, {"variant": "tiny_wide"}, 13), paths,
-      {"variant": "tiny_wide", "batch_size": 2.0}, fraction, 30, 50,
+      {"variant": "tiny_wide", "batch_size": 2.0, "clip_norm": 1.0}, fraction, 30, 50,
     )  # fmt: skip
+    assert ft.optimizer.clip_norm == 1.0
     assert (ft.input.split, ft.subset, ft.input.buckets) == (split, subset, str(tmp_path / split))
     assert ft.checkpoint.init_from is None and ft.model.variant == "tiny_wide"
     assert (ft.num_epochs, ft.eval.every, ft.input.batch_size, ft.eval.batch_size) == (30, 50, 2, 2)
@@ -47,18 +48,22 @@ def test_each_setting_has_its_data_and_from_scratch_runs(regime, tmp_path):
 def test_a_teacher_setting_has_its_own_stores_and_the_same_world(regime, tmp_path):
   from reldistill_jax import pipeline
 
-  study = regime.data_config(tmp_path, {}, 0)
-  levers = regime.parse_setting("weak:teacher_confusion=0.9,teacher_noise=0.6")[1]
-  weak = regime.data_config(tmp_path, levers, 0)
-  assert dict(weak.data.teacher) == {"confusion": 0.9, "noise": 0.6}
-  default, other = pipeline.data_paths(study, tmp_path), pipeline.data_paths(weak, tmp_path)
-  assert other["features/val"] == pathlib.Path(
-    weak.data.root, "teacher_confusion0.9_noise0.6", "features", "val"
-  )
-  assert other["text"].parent == other["features/val"].parent.parent
-  assert default["features/val"] == pathlib.Path(study.data.root, "features", "val")
-  for key in ("world", "tfds", "buckets/train", "buckets/val"):  # one world and one voxelising
-    assert other[key] == default[key]
+  study = regime.data_config(tmp_path, {}, 0)  # the study's own teacher
+  assert dict(study.data.teacher) == {"confusion": 0.9, "noise": 0.8}
+  default = regime.parse_setting("default:teacher_confusion=0.55,teacher_noise=0.35")[1]
+  weak = regime.parse_setting("weak:teacher_confusion=1,teacher_noise=0.5")[1]
+  paths = {
+    name: pipeline.data_paths(regime.data_config(tmp_path, levers, 0), tmp_path)
+    for name, levers in (("study", {}), ("default", default), ("weak", weak))
+  }
+  root = pathlib.Path(study.data.root)
+  assert paths["default"]["features/val"] == root / "features" / "val"
+  assert paths["weak"]["features/val"] == root / "teacher_confusion1_noise0.5" / "features" / "val"
+  assert paths["study"]["features/val"].parent.parent.name == "teacher_confusion0.9_noise0.8"
+  for name in paths:
+    assert paths[name]["text"].parent == paths[name]["features/val"].parent.parent
+    for key in ("world", "tfds", "buckets/train", "buckets/val"):  # one world, one voxelising
+      assert paths[name][key] == paths["study"][key]
 
 
 def test_a_finished_run_is_read_into_its_curve_and_step_time(regime, tmp_path):

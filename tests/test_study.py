@@ -137,6 +137,17 @@ def test_sweep_candidates_and_their_settings(tmp_path):
   # Without settings every loss keeps the default config's.
   plain = study.run_config(preset, tmp_path, "relational", 0, "ptv3_base")
   assert plain.pretrain.optimizer.lr == 2e-3
+  # The regime: a less perfect teacher, with stores of its own; one camera a pretraining scan,
+  # whole scans to fine-tune and evaluate.
+  assert dict(config.data.teacher) == {"confusion": 0.9, "noise": 0.8}
+  features = pipeline.data_paths(config, tmp_path)["features/train"]
+  assert features == tmp_path / "data" / "teacher_confusion0.9_noise0.8" / "features" / "train"
+  assert pre.input.cameras_per_scan == 1 and not config.finetune.input.get("cameras_per_scan")
+  regime = study.regime(preset, tmp_path, "ptv3_base")
+  assert regime["teacher"] == {"confusion": 0.9, "noise": 0.8} and regime["cameras_per_scan"] == 1
+  assert regime["supervised_epochs"] == 60
+  quick = study.run_config(study.PRESETS["quick"], tmp_path, "relational", 0, "ptv3_base")
+  assert pipeline.teacher_folder(quick) == "" and quick.pretrain.input.cameras_per_scan == 0
 
 
 def test_ablations_change_one_option_of_the_relational_loss(tmp_path):
