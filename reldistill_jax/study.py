@@ -189,8 +189,9 @@ PRESETS = {
   ),
   # The study on 2 CPU cores: the tiny student (a wider one costs 5x a step), 2 scans a step;
   # learning rates over a factor of 32; an OOD world of 15 scenes holds 3 of them (12 scans) out.
-  # Its regime (BENCHMARKS.md): a teacher whose ceiling (32%) is under the student's converged
-  # bound (35%, 60 epochs), and ScaLR's one camera a scan, 2.7x cheaper a pretraining step.
+  # Its regime (BENCHMARKS.md): a teacher whose ceiling (32%) is under the student's bound
+  # (35%, 60 epochs, flat once the rate reaches 0), and ScaLR's one camera a scan, 2.7x cheaper
+  # a pretraining step.
   "full": Preset(
     "", tuple(CONFIGS), (0, 1, 2, 3, 4), steps=400, eval_every=100, epochs=20, scenes=20,
     batch_size=2, sweep_steps=100, sweep_lrs=(5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
