@@ -52,7 +52,9 @@ def test_smoke_runs_every_measurement_and_writes_json(tmp_path):
     assert "--smoke" in result["command"], name
     assert f"== {name}: exit 0 after" in log, name
   steps = json.loads((out / "train_step.json").read_text())["runs"]
-  assert [r["name"] for r in steps] == ["point_encoder packed", "minkunet packed"]
+  assert [r["name"] for r in steps] == [
+    "point_encoder packed", "minkunet packed", "waffleiron packed",
+  ]  # fmt: skip
   assert all(r["results"]["status"] == "ok" and r["results"]["loss_finite"] for r in steps)
   pipeline = json.loads((out / "input_pipeline.json").read_text())
   assert pipeline["settings"]["threads"] == [1, 2], pipeline["settings"]
