@@ -9,12 +9,30 @@ run do not depend on how often it was restarted.
 import json
 import math
 import pathlib
+import sys
 import time
 
 from absl import logging
-from tensorboardX import SummaryWriter
 
 from reldistill_jax import errors
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter. tensorboardX imports torch, where it is installed, only to
+  accept its tensors; that costs every process 1-2 s, and these scalars are Python floats, so
+  torch is hidden from that import (None in sys.modules: `import torch` raises ImportError)."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+  else:
+    sys.modules["torch"] = None
+    try:
+      from tensorboardX import SummaryWriter
+    finally:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
+SummaryWriter = _summary_writer_class()
 
 HISTORY_FILE = "history.jsonl"
 # Console names of the measurements shown on the progress line (the rest go to TensorBoard).

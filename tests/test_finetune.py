@@ -132,14 +132,18 @@ def test_lovasz_softmax_of_hard_predictions_is_one_minus_the_jaccard_index():
 # The loop.
 
 
-def _init_params(config, data):
-  """The fresh parameters a run of `config` starts from (before init_from)."""
+def _init_params(config, data, num_steps):
+  """The fresh parameters a run of `config` starts from (before init_from), built by the
+  run's own initial-state program, which the test run's compilation cache then serves."""
   buckets = records.ShardedReader(str(data["buckets"]))
   example = input_pipeline.example_batch(buckets, config.input, config.model.patch_size)
   encoder, head = runtime.make_model(config), finetune.make_head(config)
-  return jax.jit(lambda rng: finetune.init_params(encoder, head, example, rng))(
-    jax.random.key(config.seed)
-  )
+  tx, _ = finetune.make_optimizer(config, num_steps, encoder)
+  make_state = runtime.sharded_state(
+    lambda rng: finetune.init_params(encoder, head, example, rng),
+    tx, config.seed, runtime.make_mesh(config),
+  )[3]  # fmt: skip
+  return make_state()["params"]
 
 
 def _trees_equal(a, b) -> bool:
@@ -167,7 +171,7 @@ def test_finetuning_reduces_the_training_loss(small_training_data, tmp_path):
   assert not any("val_miou" in m for m in out["history"])  # no curve unless eval.every
   assert out["measurements"]["learning_rate/encoder"] > 0
   _check_metrics(out["metrics"], tmp_path)
-  initial = _init_params(config, small_training_data)
+  initial = _init_params(config, small_training_data, out["num_steps"])
   assert not _trees_equal(out["state"]["params"]["encoder"], initial["encoder"])
   assert not _trees_equal(out["state"]["params"]["head"], initial["head"])
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
@@ -207,7 +211,7 @@ def test_linear_probe_keeps_the_pretrained_encoder_bit_identical(
   assert curve[-1][1] == out["metrics"]["miou"]
   # init_from loaded the pretrained student and the probe never changed it.
   assert _trees_equal(out["state"]["params"]["encoder"], runtime.load_params(pretrained))
-  initial = _init_params(config, small_training_data)
+  initial = _init_params(config, small_training_data, out["num_steps"])
   assert not _trees_equal(initial["encoder"], runtime.load_params(pretrained))
   assert not _trees_equal(out["state"]["params"]["head"], initial["head"])
   assert out["measurements"]["learning_rate/encoder"] == 0.0
